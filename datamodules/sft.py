@@ -1,0 +1,322 @@
+"""``SFTDataModule``: instruction -> response data, rendered with the chat template, prompt masked.
+
+Sources (``dataset``)
+    * a built-in task name (:mod:`zoo.tasks`): ``gsm_symbolic`` (default), ``chain_sum``, or any
+      reasoning-gym generator; train / val / test come from disjoint seeds;
+    * a local file: ``.json`` (a list of objects), ``.jsonl``, ``.parquet`` or ``.csv``;
+    * a hub data set id (``openai/gsm8k``; ``hub_config`` for its config name), loaded with
+      ``datasets.load_dataset`` (honours ``HF_DATASETS_OFFLINE``).
+    ``fields`` maps the zoo's ``prompt`` / ``response`` (/ ``answer``) to the source's columns, e.g.
+    ``{prompt: question, response: answer}`` for GSM8K.
+
+Every batch holds ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and padding) and
+``segments`` (``SEGMENT_PAD`` / ``SEGMENT_PROMPT`` / ``SEGMENT_REASONING`` / ``SEGMENT_ANSWER``),
+right-padded to the longest row of the batch. The answer segment is the final ``#### ...`` line
+(else the last line of a multi-line response, else the whole response) plus EOS.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zoo import backbone, tasks
+from zoo.errors import ZooError
+from zoo.kernels.selected_ce import IGNORE_INDEX
+
+SEGMENT_PAD, SEGMENT_PROMPT, SEGMENT_REASONING, SEGMENT_ANSWER = 0, 1, 2, 3
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+class DataError(ZooError, ValueError):
+    """A data source or row is unusable; the message names the file, the row and the fix."""
+
+
+# ---------------------------------------------------------------------------- rendering
+def render_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
+    """Token ids of the chat-formatted prompt up to the assistant turn (what generation sees)."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return list(ids)
+
+
+def answer_start(response: str) -> int:
+    """Character offset where the final-answer segment of ``response`` starts."""
+    marker = response.rfind("####")
+    if marker >= 0:
+        return marker
+    newline = response.rstrip().rfind("\n")
+    return newline + 1 if newline >= 0 else 0
+
+
+def encode_example(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> dict[str, list[int]]:
+    """Prompt ids + response ids + EOS, with labels (prompt masked) and segment ids."""
+    prompt_ids = render_prompt_ids(tokenizer, prompt, system_prompt)
+    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    split_at = answer_start(response)
+    response_ids = list(encoded["input_ids"]) + [tokenizer.eos_token_id]
+    response_segments = [SEGMENT_ANSWER if end > split_at else SEGMENT_REASONING
+                         for _, end in encoded["offset_mapping"]] + [SEGMENT_ANSWER]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        "segments": [SEGMENT_PROMPT] * len(prompt_ids) + response_segments,
+    }
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of the batch."""
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows], dtype=torch.long)
+
+    batch = {
+        "input_ids": pad("input_ids", pad_id),
+        "labels": pad("labels", IGNORE_INDEX),
+        "segments": pad("segments", SEGMENT_PAD),
+        "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                        for r in rows], dtype=torch.long),
+        "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
+    }
+    return batch
+
+
+class EncodedDataset(Dataset):
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+# ---------------------------------------------------------------------------- sources
+def read_local(path: Path) -> list[dict[str, Any]]:
+    """Rows of a local JSON / JSONL / Parquet / CSV file."""
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist; check `data.init_args.dataset`")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {number} is not valid JSON ({err.msg}); fix or delete that line"
+                                    ) from err
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        return data
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            return list(csv.DictReader(handle))
+    if suffix == ".parquet":
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def read_hub(dataset_id: str, split: str, config: str | None) -> list[dict[str, Any]]:
+    """Rows of a hub data set split (or a local data-set folder ``load_dataset`` understands)."""
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(dataset_id, config, split=split))
+    except Exception as err:  # datasets raises many types for "not found / offline"
+        raise DataError(
+            f"cannot load data set {dataset_id!r} split {split!r}: {type(err).__name__}: {err}. Offline "
+            "(HF_DATASETS_OFFLINE=1) only cached data sets load; otherwise pass a local .jsonl/.json/.parquet/.csv"
+        ) from err
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Instruction -> response SFT data with the prompt masked out of the loss."""
+
+    def __init__(
+        self,
+        dataset: str = "gsm_symbolic",
+        tokenizer: str = backbone.SMOLLM2,
+        fields: dict[str, str] | None = None,
+        hub_config: str | None = None,
+        splits: dict[str, str] | None = None,
+        num_train: int = 2000,
+        num_val: int = 64,
+        num_test: int = 64,
+        max_length: int = 512,
+        overlong: Literal["truncate", "drop"] = "truncate",
+        on_malformed: Literal["error", "skip"] = "error",
+        system_prompt: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            dataset: a built-in task (``gsm_symbolic``, ``chain_sum``, any reasoning-gym name), a local
+                .json/.jsonl/.parquet/.csv file, or a hub data set id.
+            tokenizer: the backbone whose tokenizer renders the data (linked to ``model.init_args.model``).
+            fields: source columns for ``prompt``, ``response`` and optionally ``answer``.
+            hub_config: config name of a hub data set (GSM8K: ``main``).
+            splits: split names for train / val / test in a hub data set or ``{train: file, ...}`` for local
+                files; without a val/test source, they are carved from the end of train.
+            num_train: built-in tasks: problems generated for training (fewer after removing held-out ones).
+            num_val: held-out rows for validation loss.
+            num_test: held-out rows for the harness.
+            max_length: longest rendered row, in tokens.
+            overlong: ``truncate`` the response tail, or ``drop`` the row (both are counted and printed).
+            on_malformed: ``error`` on a missing/empty field (names file and row), or ``skip`` and count it.
+            system_prompt: optional system message in the chat template.
+            batch_size: training micro-batch size.
+            eval_batch_size: validation / test batch size.
+            num_workers: DataLoader workers.
+            seed: seed of the built-in generators and of the training shuffle.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.fields = {"prompt": "prompt", "response": "response", "answer": "answer", **(fields or {})}
+        self.tokenizer = backbone.load_tokenizer(tokenizer)
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.encoded: dict[str, EncodedDataset] = {}
+        self.stats: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ loading
+    def load_records(self) -> dict[str, list[dict[str, Any]]]:
+        """Raw records per split: ``{"train": [...], "val": [...], "test": [...]}``."""
+        hp = self.hparams
+        sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
+        if tasks.is_builtin_task(hp.dataset):
+            return tasks.task_splits(hp.dataset, sizes, seed=hp.seed)
+        sources = dict(hp.splits or {})
+        local = Path(hp.dataset).expanduser()
+        if local.suffix.lower() in LOCAL_SUFFIXES or local.exists():
+            sources.setdefault("train", str(local))
+            raw = {split: read_local(Path(src).expanduser()) for split, src in sources.items()}
+            origin = {split: src for split, src in sources.items()}
+        else:
+            sources.setdefault("train", "train")
+            raw = {split: read_hub(hp.dataset, src, hp.hub_config) for split, src in sources.items()}
+            origin = {split: f"{hp.dataset}[{src}]" for split, src in sources.items()}
+        records = {split: self._map_fields(rows, origin[split]) for split, rows in raw.items()}
+        train = records["train"]
+        for split in ("test", "val"):  # carve missing held-out splits from the end of train
+            if split not in records and sizes[split] > 0:
+                if len(train) <= sizes[split]:
+                    raise DataError(f"{origin['train']}: {len(train)} rows cannot also provide {sizes[split]} "
+                                    f"{split} rows; lower num_{split} or give splits.{split}")
+                records[split], train = train[-sizes[split]:], train[: -sizes[split]]
+        records["train"] = train[: hp.num_train] if hp.num_train > 0 else train
+        for split in ("val", "test"):
+            if split in records:
+                records[split] = records[split][: sizes[split]]
+        return records
+
+    def _map_fields(self, rows: Iterable[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
+        out, skipped = [], 0
+        for number, row in enumerate(rows, start=1):
+            prompt, response = row.get(self.fields["prompt"]), row.get(self.fields["response"])
+            problem = next((name for name, value in (("prompt", prompt), ("response", response))
+                            if not isinstance(value, str) or not value.strip()), None)
+            if problem is not None:
+                if self.hparams.on_malformed == "skip":
+                    skipped += 1
+                    continue
+                column = self.fields[problem]
+                raise DataError(f"{origin}: row {number}: field {column!r} ({problem}) is missing or empty; fix the "
+                                f"row, map the right column with `fields: {{{problem}: ...}}`, or set on_malformed: skip")
+            answer = row.get(self.fields["answer"])
+            out.append({"prompt": prompt, "response": response,
+                        "answer": str(answer) if answer is not None else extract_final_answer(response)})
+        if skipped:
+            self.stats[f"skipped_malformed:{origin}"] = skipped
+        return out
+
+    # ------------------------------------------------------------------ encoding
+    def encode_split(self, records: list[dict[str, Any]], split: str) -> EncodedDataset:
+        rows, truncated, dropped = [], 0, 0
+        limit = self.hparams.max_length
+        for index, record in enumerate(records):
+            row = encode_example(self.tokenizer, record["prompt"], record["response"], self.hparams.system_prompt)
+            if len(row["input_ids"]) > limit:
+                prompt_len = row["labels"].count(IGNORE_INDEX)
+                if self.hparams.overlong == "drop" or prompt_len >= limit - 1:
+                    dropped += 1
+                    continue
+                row = {key: value[:limit] for key, value in row.items()}
+                truncated += 1
+            row["index"] = index
+            rows.append(row)
+        self.stats[f"{split}_truncated"], self.stats[f"{split}_dropped"] = truncated, dropped
+        if truncated or dropped:
+            print(f"[zoo] data/{split}: {truncated} rows truncated, {dropped} dropped (max_length={limit})")
+        if not rows:
+            raise DataError(f"no {split} rows left after encoding ({dropped} over max_length={limit}); "
+                            "raise max_length or check the source")
+        return EncodedDataset(rows)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.records:
+            self.records = self.load_records()
+            self.encoded = {split: self.encode_split(recs, split) for split, recs in self.records.items() if recs}
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.encoded:
+            raise DataError(f"the data source has no {split} split")
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.encoded[split],
+            batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.hparams.num_workers,
+            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        records = self.records.get("test", [])
+        return DataLoader(records, batch_size=self.hparams.eval_batch_size,
+                          collate_fn=lambda rows: {"prompt_text": [r["prompt"] for r in rows]})
+
+
+def extract_final_answer(text: str) -> str:
+    """The answer after the last ``####``, else the last number in ``text``, else the stripped text."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0].strip() if tail else ""
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return numbers[-1].replace(",", "") if numbers else text.strip()

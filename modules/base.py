@@ -1,0 +1,405 @@
+"""``CausalLMModule``: supervised fine-tuning of any causal LM, and the hooks every method plugs into.
+
+Per-token loss, shift convention (target-aligned)
+    ``per_token_loss[b, t] = -log p(input_ids[b, t] | input_ids[b, :t])``. Position ``t`` is the
+    token being predicted, so selector weights, ``batch["labels"]`` and ``batch["segments"]`` are
+    all indexed by the same ``t``; column 0 is never supervised. (The logits that predict token
+    ``t`` come from the hidden state at ``t - 1``.)
+
+Token selectors
+    Every Trainer callback with a ``select(module, batch, outputs) -> Tensor`` method (the
+    :class:`TokenSelector` protocol) is asked for a (B, T) float weight per training step; a mask
+    is a weight of 0/1. The module multiplies all weights with the supervision mask
+    (``labels != -100``) and reduces. Tokens whose weight is 0 never reach the LM head: the head
+    and the cross-entropy run only on the kept rows (:mod:`zoo.kernels.selected_ce`).
+
+Reduction (``reduction``)
+    ``"token_mean"`` (default): ``sum(w * loss) / #(w > 0)``, the mean over selected tokens (for
+    0/1 masks this is plain SFT's mean over response tokens). ``"weight_mean"``: divide by
+    ``sum(w)`` instead. ``"sequence_mean"``: token mean inside each sequence, then mean over
+    sequences. ``"sum"``: the plain weighted sum. Under DDP each rank reduces its own micro-batch
+    and gradients are averaged, as in any Lightning run.
+
+Batch transforms
+    Callbacks may rewrite the batch in ``on_train_batch_start`` by assigning into the batch dict
+    (e.g. ``batch["input_ids"] = corrupted``). Contract: ``labels`` and ``segments`` stay the
+    original ones, so the objective is still measured against the clean targets; put the clean
+    ids in ``batch["clean_input_ids"]`` if a later hook needs them.
+
+Objectives
+    Subclasses change the objective by overriding :meth:`CausalLMModule.compute_loss`, never
+    ``training_step``. Parameter subsets go through :meth:`trainable_parameters`, which the
+    optimizer, the checkpoint and the harness report all use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo import backbone
+from zoo.errors import ConfigError, TrainingError
+from zoo.kernels.selected_ce import IGNORE_INDEX, selected_linear_cross_entropy
+from zoo.registry import register
+
+Reduction = Literal["token_mean", "weight_mean", "sequence_mean", "sum"]
+
+
+@runtime_checkable
+class TokenSelector(Protocol):
+    """A callback that weights or selects the tokens that train (shape (B, T), target-aligned)."""
+
+    def select(self, module: CausalLMModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor: ...
+
+
+def target_mask(labels: Tensor) -> Tensor:
+    """(B, T) bool: tokens that are supervised. Column 0 has no context, so it never is."""
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    return mask
+
+
+def shift_for_prediction(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Pair hidden state ``t-1`` with target ``t``: returns (B, T-1, H) hidden and (B, T-1) targets."""
+    return hidden[:, :-1], labels[:, 1:]
+
+
+def reduce_loss(per_token: Tensor, weights: Tensor, reduction: Reduction = "token_mean") -> Tensor:
+    """Reduce a weighted per-token loss ``per_token`` (B, T), already multiplied by ``weights``."""
+    selected = (weights != 0).float()
+    if reduction == "token_mean":
+        return per_token.sum() / selected.sum().clamp_min(1.0)
+    if reduction == "weight_mean":
+        return per_token.sum() / weights.float().sum().clamp_min(1e-8)
+    if reduction == "sequence_mean":
+        counts = selected.sum(dim=1)
+        per_sequence = per_token.sum(dim=1) / counts.clamp_min(1.0)
+        return per_sequence[counts > 0].mean() if (counts > 0).any() else per_token.sum() * 0.0
+    if reduction == "sum":
+        return per_token.sum()
+    raise ValueError(f"unknown reduction {reduction!r}; use token_mean, weight_mean, sequence_mean or sum")
+
+
+@dataclass
+class StepOutputs:
+    """What one forward pass produced, with lazily computed, detached statistics for selectors.
+
+    ``hidden`` (B, T, H) are the final (normed) hidden states aligned with the input positions.
+    ``per_token_loss()`` and ``entropy()`` are target-aligned (B, T), detached, zero where
+    ``labels == -100``; they cost one extra no-grad pass through the LM head on supervised tokens,
+    computed once and cached.
+    """
+
+    module: CausalLMModule
+    hidden: Tensor
+    labels: Tensor
+    _cache: dict[str, Tensor] = field(default_factory=dict)
+
+    def _stats(self) -> None:
+        if "loss" in self._cache:
+            return
+        mask = target_mask(self.labels)
+        loss = torch.zeros(self.labels.shape, dtype=torch.float32, device=self.hidden.device)
+        entropy = torch.zeros_like(loss)
+        with torch.no_grad():
+            pred_hidden, targets = shift_for_prediction(self.hidden, self.labels)
+            index = mask[:, 1:].nonzero(as_tuple=True)
+            weight, bias = self.module.lm_head_weight()
+            for start in range(0, index[0].numel(), 1024):
+                rows = tuple(i[start : start + 1024] for i in index)
+                logits = F.linear(pred_hidden[rows], weight, bias).float()
+                logp = logits.log_softmax(-1)
+                rows_t = (rows[0], rows[1] + 1)
+                loss[rows_t] = -logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+                entropy[rows_t] = -(logp.exp() * logp).sum(-1)
+        self._cache.update(loss=loss, entropy=entropy)
+
+    def per_token_loss(self) -> Tensor:
+        self._stats()
+        return self._cache["loss"]
+
+    def entropy(self) -> Tensor:
+        self._stats()
+        return self._cache["entropy"]
+
+    def logits(self) -> Tensor:
+        """Full (B, T, V) logits with gradient, position t predicting token t+1 (HF convention)."""
+        if "logits" not in self._cache:
+            weight, bias = self.module.lm_head_weight()
+            self._cache["logits"] = F.linear(self.hidden, weight, bias)
+        return self._cache["logits"]
+
+
+class CausalLMModule(L.LightningModule):
+    """Supervised fine-tuning (SFT) of a causal LM, with token-selector and objective hooks."""
+
+    def __init__(
+        self,
+        model: str = backbone.SMOLLM2,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        scheduler: Literal["constant", "cosine", "linear"] = "cosine",
+        reduction: Reduction = "token_mean",
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        export: bool = True,
+        checkpoint_trainable_only: bool = True,
+    ) -> None:
+        """
+        Args:
+            model: backbone: ``smollm2-135m`` (embedded default), ``tiny-llama``, a local HF folder or a hub id.
+            lr: peak learning rate (AdamW).
+            weight_decay: AdamW weight decay, applied to matrices only (not norms or biases).
+            betas: AdamW betas.
+            warmup_steps: linear warm-up steps before the schedule.
+            scheduler: learning-rate schedule after warm-up.
+            reduction: how the weighted per-token loss is reduced (see the module docstring).
+            dtype: parameter dtype of the backbone (float32, bfloat16, float16).
+            gradient_checkpointing: recompute decoder activations in backward to save memory.
+            export: write an HF-format export (model or adapter, tokenizer, chat template) at the end of fit.
+            checkpoint_trainable_only: Lightning checkpoints hold only trainable tensors (frozen ones are
+                restored from the backbone on load).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model, self.tokenizer = backbone.load(model, dtype=dtype)
+        self.model = self.configure_backbone(self.model)
+        if gradient_checkpointing:
+            backbone.base_model(self.model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self._step_started: float | None = None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def configure_backbone(self, model: nn.Module) -> nn.Module:
+        """Wrap or freeze the freshly loaded backbone (peft, soft prompts, masks). Default: train all."""
+        return model
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters that train: used by the optimizer, the checkpoint and the bench report."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def compute_loss(self, batch: dict[str, Tensor], outputs: StepOutputs, weights: Tensor) -> Tensor:
+        """The objective. Default: weighted token cross-entropy over tokens with weight != 0."""
+        per_token = self.weighted_token_loss(outputs, weights)
+        return reduce_loss(per_token, weights, self.hparams.reduction)
+
+    # ------------------------------------------------------------------ shared pieces
+    def lm_head_weight(self) -> tuple[Tensor, Tensor | None]:
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: all-gather, differentiably
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        return weight, bias
+
+    def weighted_token_loss(self, outputs: StepOutputs, weights: Tensor) -> Tensor:
+        """(B, T) target-aligned ``weights * CE``; rows with weight 0 skip the LM head entirely."""
+        pred_hidden, targets = shift_for_prediction(outputs.hidden, outputs.labels)
+        head_weight, head_bias = self.lm_head_weight()
+        flat = selected_linear_cross_entropy(
+            pred_hidden.reshape(-1, pred_hidden.shape[-1]),
+            head_weight,
+            targets.reshape(-1),
+            weights[:, 1:].reshape(-1),
+            bias=head_bias,
+        )
+        return F.pad(flat.view(targets.shape), (1, 0))
+
+    def forward_hidden(self, batch: dict[str, Tensor]) -> Tensor:
+        """Final hidden states (B, T, H). The LM head is skipped (``logits_to_keep`` = no position)."""
+        captured: list[Tensor] = []
+
+        def grab(_module, _args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+        handle = backbone.decoder(self.model).register_forward_hook(grab)
+        try:
+            self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+                logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device),
+            )
+        finally:
+            handle.remove()
+        hidden = captured[-1]
+        # Virtual tokens prepended by prompt-style wrappers sit in front: keep the real positions.
+        return hidden[:, -batch["input_ids"].shape[1] :]
+
+    def forward(self, batch: dict[str, Tensor]) -> StepOutputs:
+        return StepOutputs(module=self, hidden=self.forward_hidden(batch), labels=batch["labels"])
+
+    def token_weights(self, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor:
+        """Supervision mask times the product of every active TokenSelector's weights."""
+        weights = target_mask(batch["labels"]).float()
+        trainer = self._trainer
+        for callback in trainer.callbacks if trainer is not None else []:
+            if isinstance(callback, TokenSelector):
+                selected = callback.select(self, batch, outputs)
+                if selected.shape != weights.shape:
+                    raise ValueError(f"{type(callback).__name__}.select returned shape {tuple(selected.shape)}, "
+                                     f"expected {tuple(weights.shape)} (batch, tokens)")
+                weights = weights * selected.to(weights.dtype)
+        return weights
+
+    # ------------------------------------------------------------------ Lightning
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._step_started = self._step_started or time.perf_counter()
+        outputs = self(batch)
+        weights = self.token_weights(batch, outputs)
+        loss = self.compute_loss(batch, outputs, weights)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower the learning "
+                "rate, use float32, or check the batch for empty responses"
+            )
+        supervised = target_mask(batch["labels"]).sum().clamp_min(1)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/kept_fraction", (weights != 0).sum() / supervised)
+        self._tokens_in_step = int(batch["attention_mask"].sum())
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        if elapsed > 0:
+            self.log("train/tokens_per_s", self._tokens_in_step / elapsed, prog_bar=True)
+        self._step_started = None
+        optimizers = self.trainer.optimizers
+        if optimizers:
+            self.log("train/lr", optimizers[0].param_groups[0]["lr"])
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        outputs = self(batch)
+        weights = target_mask(batch["labels"]).float()
+        per_token = self.weighted_token_loss(outputs, weights)
+        count = weights.sum()
+        loss = per_token.sum() / count.clamp_min(1.0)
+        self.log("val/loss", loss, prog_bar=True, batch_size=int(count.item()), sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
+
+    test_step = validation_step
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[str]:
+        from zoo.harness.generation import generate
+
+        prompts = batch.get("prompt_text")
+        if prompts is None:
+            raise ValueError("predict needs batches with 'prompt_text' (use a DataModule's predict_dataloader)")
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=256)
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError(f"{type(self).__name__} has no trainable parameters: check the freezing options")
+        decay = [p for p in params.values() if p.ndim >= 2]
+        no_decay = [p for p in params.values() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
+                                      betas=tuple(self.hparams.betas))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        warmup, kind = self.hparams.warmup_steps, self.hparams.scheduler
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if kind == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            if kind == "linear":
+                return 1.0 - progress
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2-shard each decoder layer, then the whole model."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if type(strategy).__name__ != "ModelParallelStrategy":
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):  # configure_model may be called more than once
+            return
+        mesh = strategy.device_mesh["data_parallel"]
+        for layer in backbone.decoder_layers(self.model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    # ------------------------------------------------------------------ checkpoint + export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if self.hparams.checkpoint_trainable_only and isinstance(state, dict):
+            trainable = set(self.trainable_parameters())
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+            checkpoint["zoo_trainable_only"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("zoo_trainable_only"):
+            full = {k: v for k, v in self.state_dict().items()}
+            full.update(checkpoint["state_dict"])
+            checkpoint["state_dict"] = full
+
+    def export_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / "export"
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export:
+            self.export(self.export_dir())
+
+    def export(self, directory: str | Path) -> Path:
+        """Save an HF-format model (or peft adapter), tokenizer and chat template to ``directory``."""
+        directory = Path(directory)
+        state_dict = self._full_state_dict_for_export()
+        if self.trainer is None or self.trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.exportable_model().save_pretrained(directory, state_dict=state_dict)
+            self.tokenizer.save_pretrained(directory)
+        if self._trainer is not None:
+            self.trainer.strategy.barrier("zoo-export")
+        return directory
+
+    def exportable_model(self) -> nn.Module:
+        """The model written by :meth:`export` (subclasses drop auxiliary heads here)."""
+        return self.model
+
+    def _full_state_dict_for_export(self) -> dict[str, Tensor] | None:
+        """None (the model's own state) unless parameters are sharded, then a gathered full state."""
+        if not any(hasattr(p, "full_tensor") for p in self.model.parameters()):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+
+register(
+    name="sft",
+    kind="module",
+    paper="Supervised fine-tuning, all parameters (baseline)",
+    spec="",
+    config="configs/sft.yaml",
+    target="zoo.modules.base:CausalLMModule",
+)
