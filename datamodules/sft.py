@@ -307,6 +307,25 @@ class SFTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    # ------------------------------------------------------------------ harness hooks
+    def eval_records(self, split: str = "test") -> list[dict[str, Any]]:
+        """Held-out raw records (prompt, response, answer, ...) that the harness generates for."""
+        self.setup("test")
+        if split not in self.records:
+            raise DataError(f"the data source has no {split} split")
+        return self.records[split]
+
+    def score_completion(self, record: dict[str, Any], completion: str) -> dict[str, float]:
+        """Per-record metrics of a generated completion. Default: final-answer exact match."""
+        return {"exact_match": tasks.score_answer(record, extract_final_answer(completion))}
+
+    def evaluation_metrics(self, records: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+        """Aggregate metrics over a split (default: the mean of :meth:`score_completion`).
+
+        Subclasses override this for corpus-level metrics (macro-F1, ...)."""
+        scores = [self.score_completion(r, c) for r, c in zip(records, completions)]
+        return {key: sum(s[key] for s in scores) / max(1, len(scores)) for key in (scores[0] if scores else {})}
+
     def predict_dataloader(self) -> DataLoader:
         records = self.records.get("test", [])
         return DataLoader(records, batch_size=self.hparams.eval_batch_size,
