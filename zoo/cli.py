@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from zoo.errors import ZooError
@@ -48,6 +49,13 @@ class ZooCLI(LightningCLI):
             )
 
 
+class FinalCheckpoint(Callback):
+    """Save ``checkpoints/last.ckpt`` when fit ends, whatever the validation cadence was."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+
+
 def run_directory(config_files: list) -> str:
     """``runs/<name>/<timestamp>``, shared by all ranks of one launch through ``ZOO_RUN_DIR``."""
     if os.environ.get("ZOO_RUN_DIR"):
@@ -72,6 +80,7 @@ def lightning_main(args: list[str] | None = None) -> ZooCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        trainer_defaults={"callbacks": [FinalCheckpoint()]},
         parser_kwargs={"prog": "zoo", "parser_mode": "omegaconf"} if _has_omegaconf() else {"prog": "zoo"},
         args=args,
     )
@@ -89,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "list":
             from zoo import registry
 
+            if "--update-readme" in argv:
+                registry.update_readme()
+                print("README.md method table updated from the registry")
+                return 0
             print(registry.markdown_table() if "--markdown" in argv else registry.text_table())
             return 0
         if argv and argv[0] == "bench":

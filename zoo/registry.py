@@ -65,7 +65,7 @@ def get(name: str) -> Method:
 def markdown_table() -> str:
     rows = ["| method | kind | paper | spec | config | class | scope |", "|---|---|---|---|---|---|---|"]
     for m in methods():
-        spec = f"[{m.spec}](../shared/papers/)" if m.spec else "baseline"
+        spec = m.spec or "baseline"
         rows.append(f"| `{m.name}` | {m.kind} | {m.paper} | {spec} | `{m.config}` | `{m.target.split(':')[-1]}` "
                     f"| {m.scope} |")
     return "\n".join(rows)
@@ -78,3 +78,22 @@ def text_table() -> str:
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines])
+
+
+README_START, README_END = "<!-- methods:start -->", "<!-- methods:end -->"
+
+
+def readme_table(readme: Path = REPO_ROOT / "README.md") -> str | None:
+    """The method table currently between the README markers (None without markers)."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return None
+    return text.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+
+
+def update_readme(readme: Path = REPO_ROOT / "README.md") -> None:
+    """Rewrite the README method table from the registry (`python -m zoo list --update-readme`)."""
+    text = readme.read_text(encoding="utf-8")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}", encoding="utf-8")
