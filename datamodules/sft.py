@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from zoo import backbone, tasks
 from zoo.errors import ZooError
@@ -92,6 +92,25 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
     }
     return batch
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A shuffle that depends only on (seed, epoch), so a run resumed at an epoch boundary sees the same order.
+
+    Lightning calls ``set_epoch`` before every epoch (also after a resume). Under DDP Lightning swaps it for a
+    ``DistributedSampler(shuffle=True)``, which is seeded per epoch the same way.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class EncodedDataset(Dataset):
@@ -214,7 +233,7 @@ class SFTDataModule(L.LightningDataModule):
             return tasks.task_splits(hp.dataset, sizes, seed=hp.seed)
         sources = dict(hp.splits or {})
         local = Path(hp.dataset).expanduser()
-        if local.suffix.lower() in LOCAL_SUFFIXES or local.exists():
+        if local.suffix.lower() in LOCAL_SUFFIXES or local.is_file():  # a folder goes to load_dataset
             sources.setdefault("train", str(local))
             raw = {split: read_local(Path(src).expanduser()) for split, src in sources.items()}
             origin = {split: src for split, src in sources.items()}
@@ -249,7 +268,8 @@ class SFTDataModule(L.LightningDataModule):
                 column = self.fields[problem]
                 raise DataError(f"{origin}: row {number}: field {column!r} ({problem}) is missing or empty; fix the "
                                 f"row, map the right column with `fields: {{{problem}: ...}}`, or set on_malformed: skip")
-            answer = row.get(self.fields["answer"])
+            # GSM8K shape: the response column holds the worked answer; extract `#### N` from it
+            answer = row.get(self.fields["answer"]) if self.fields["answer"] != self.fields["response"] else None
             out.append({"prompt": prompt, "response": response,
                         "answer": str(answer) if answer is not None else extract_final_answer(response)})
         if skipped:
@@ -288,12 +308,10 @@ class SFTDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.encoded:
             raise DataError(f"the data source has no {split} split")
-        generator = torch.Generator().manual_seed(self.hparams.seed)
         return DataLoader(
             self.encoded[split],
             batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
+            sampler=EpochShuffleSampler(self.encoded[split], self.hparams.seed) if shuffle else None,
             num_workers=self.hparams.num_workers,
             collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
         )

@@ -373,7 +373,7 @@ class CausalLMModule(L.LightningModule):
         """Save an HF-format model (or peft adapter), tokenizer and chat template to ``directory``."""
         directory = Path(directory)
         state_dict = self._full_state_dict_for_export()
-        if self.trainer is None or self.trainer.is_global_zero:
+        if self._trainer is None or self.trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
             self.exportable_model().save_pretrained(directory, state_dict=state_dict)
             self.tokenizer.save_pretrained(directory)

@@ -70,7 +70,8 @@ def run_directory(config_files: list) -> str:
     return str(path)
 
 
-def lightning_main(args: list[str] | None = None) -> ZooCLI:
+def lightning_main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
+    """Build the CLI from ``args``; ``run=False`` only instantiates (no subcommand; the harness drives fit)."""
     from zoo.datamodules import SFTDataModule  # noqa: F401  (registers the default classes)
     from zoo.modules import CausalLMModule
 
@@ -83,6 +84,7 @@ def lightning_main(args: list[str] | None = None) -> ZooCLI:
         trainer_defaults={"callbacks": [FinalCheckpoint()]},
         parser_kwargs={"prog": "zoo", "parser_mode": "omegaconf"} if _has_omegaconf() else {"prog": "zoo"},
         args=args,
+        run=run,
     )
 
 

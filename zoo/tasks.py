@@ -81,6 +81,9 @@ def task_splits(name: str, sizes: dict[str, int], seed: int = 0) -> dict[str, li
     """Train / val / test records with disjoint seeds; held-out questions are removed from train."""
     splits = {split: generate_records(name, size, seed + SPLIT_SEED_OFFSET[split])[0]
               for split, size in sizes.items() if size > 0}
+    test_prompts = {r["prompt"] for r in splits.get("test", [])}
+    if "val" in splits:  # small generators (chain_sum) repeat questions across seeds: keep val off test too
+        splits["val"] = [r for r in splits["val"] if r["prompt"] not in test_prompts]
     held_out = {r["prompt"] for split in ("val", "test") for r in splits.get(split, [])}
     if "train" in splits:
         splits["train"] = [r for r in splits["train"] if r["prompt"] not in held_out]

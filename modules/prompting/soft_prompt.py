@@ -1,0 +1,352 @@
+"""The shared soft-prompt mechanism: virtual tokens in front of (or inside) the input of a frozen LM.
+
+Every prompt-style method in the zoo (prompt tuning, prefix tuning, DePT, EPT, IAPT, APT, ProMoT,
+PANDA) subclasses :class:`SoftPromptModule` and overrides one or more of its hooks:
+
+``prompt_embeddings(batch_size)``        (B, m, H) shallow virtual tokens, or None
+``input_embeddings(embeds, positions)``  transform the real tokens' embeddings (DePT's offset)
+``prefix_cache(batch_size)``             a ``transformers`` Cache pre-filled with per-layer prefix
+                                         key/values (deep prompts / prefix tuning), or None
+``insert_positions(batch)``              where the virtual tokens go, per row (default 0: prepend)
+
+Conventions
+    * The backbone is frozen in ``configure_backbone``; only the method's own modules train.
+    * Virtual tokens never carry a label: :meth:`SoftPromptModule.forward_hidden` returns hidden
+      states for the REAL positions only, so ``labels``/``segments`` and every TokenSelector keep
+      the batch's own (B, T) layout and the virtual positions are implicitly -100.
+    * Position ids are ``cumsum(attention_mask) - 1`` over the full (virtual + real) sequence, so
+      virtual tokens sit at positions 0..m-1 and left- and right-padded batches give the same
+      positions to the same real tokens (what makes cached generation match training).
+    * Deep prompts live in the model's cache object (``cache=``, transformers >= 5): a fresh
+      ``DynamicCache`` pre-filled with the prefix key/values per forward, so gradients reach them.
+    * :meth:`SoftPromptModule.generate` is a greedy decoder that goes through the same hooks, with
+      or without the KV cache (the two agree; see the tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from zoo import backbone
+from zoo.datamodules.sft import SEGMENT_PROMPT
+from zoo.modules.base import CausalLMModule
+
+PromptInit = Literal["vocab", "random"]
+
+
+# ---------------------------------------------------------------------------- pure tensor functions
+def insert_virtual(embeds: Tensor, mask: Tensor, prompt: Tensor, at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Insert ``prompt`` (B, m, H) into ``embeds`` (B, T, H) before column ``at[b]`` of each row.
+
+    Returns the (B, T+m, H) embeddings, the (B, T+m) attention mask (ones on the virtual tokens) and
+    ``real_index`` (B, T): the column of each real token in the new sequence (``t + m * (t >= at)``).
+    ``at = 0`` prepends.
+    """
+    batch, length, _ = embeds.shape
+    m = prompt.shape[1]
+    at = at.to(embeds.device).view(-1, 1)
+    cols = torch.arange(length + m, device=embeds.device).unsqueeze(0)
+    before, inside = cols < at, (cols >= at) & (cols < at + m)
+    source = torch.where(before, cols, torch.where(inside, length + cols - at, cols - m))
+    merged = torch.cat([embeds, prompt.to(embeds.dtype)], dim=1)
+    out = merged.gather(1, source.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    full_mask = torch.cat([mask, torch.ones(batch, m, dtype=mask.dtype, device=mask.device)], 1)
+    full_mask = full_mask.gather(1, source)
+    t = torch.arange(length, device=embeds.device).unsqueeze(0)
+    real_index = t + m * (t >= at).long()
+    return out, full_mask, real_index
+
+
+def position_ids_from_mask(mask: Tensor) -> Tensor:
+    """(B, T) positions ``cumsum(mask) - 1`` (clamped at 0 on leading padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def predicting_columns(real_index: Tensor) -> Tensor:
+    """(B, T) column whose hidden state predicts real token t+1: ``real_index[t+1] - 1`` (last: ``real_index[T-1]``)."""
+    return torch.cat([real_index[:, 1:] - 1, real_index[:, -1:]], dim=1)
+
+
+def make_prefix_cache(keys: Tensor, values: Tensor, config: Any) -> Any:
+    """A ``DynamicCache`` holding per-layer prefix key/values (L, B, kv_heads, m, head_dim)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=config)
+
+
+# ---------------------------------------------------------------------------- parameter modules
+class SoftPrompt(nn.Module):
+    """``m`` trainable virtual-token embeddings, (m, H)."""
+
+    def __init__(self, num_virtual_tokens: int, hidden: int, init: Tensor | None = None, std: float = 0.02):
+        super().__init__()
+        weight = init.detach().clone().float() if init is not None else torch.randn(num_virtual_tokens, hidden) * std
+        self.weight = nn.Parameter(weight)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, batch_size: int) -> Tensor:
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class PrefixKV(nn.Module):
+    """Deep prompts: per-layer prefix keys and values, (L, kv_heads, m, head_dim) each."""
+
+    def __init__(self, layers: int, kv_heads: int, num_virtual_tokens: int, head_dim: int, std: float = 0.02):
+        super().__init__()
+        shape = (layers, kv_heads, num_virtual_tokens, head_dim)
+        self.keys = nn.Parameter(torch.randn(shape) * std)
+        self.values = nn.Parameter(torch.randn(shape) * std)
+
+    def forward(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """(L, B, kv_heads, m, head_dim) keys and values."""
+        expand = (-1, batch_size, -1, -1, -1)
+        return self.keys.unsqueeze(1).expand(*expand), self.values.unsqueeze(1).expand(*expand)
+
+
+def attention_geometry(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a Llama/Qwen/Mistral-style backbone."""
+    config = backbone.base_model(model).config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def vocab_init(model: nn.Module, count: int, seed: int = 0) -> Tensor:
+    """Embeddings of ``count`` vocabulary tokens drawn with a fixed seed (sampled-vocabulary init)."""
+    table = model.get_input_embeddings().weight.detach()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(table.shape[0], 5000), (count,), generator=generator)
+    return table[ids.to(table.device)].float().cpu()
+
+
+# ---------------------------------------------------------------------------- the module
+class SoftPromptModule(CausalLMModule):
+    """A frozen causal LM steered by soft prompts: ``num_virtual_tokens`` shallow or deep (prefix) tokens."""
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        deep: bool = False,
+        prompt_init: PromptInit = "vocab",
+        init_seed: int = 0,
+        init_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            num_virtual_tokens: prompt length m (virtual tokens per sequence, or per layer when deep).
+            deep: per-layer prefix key/values (prefix tuning / P-tuning v2) instead of input embeddings.
+            prompt_init: ``vocab`` (embeddings of sampled vocabulary tokens) or ``random`` (N(0, 0.02)).
+            init_seed: seed of the prompt initialisation (independent of the global seed).
+            init_prompt: a ``prompt.pt`` (from an export) to start from: prompt transfer (PoT).
+            **kwargs: the CausalLMModule arguments (model, lr, ...).
+        """
+        self._prompt_args = dict(num_virtual_tokens=num_virtual_tokens, deep=deep, prompt_init=prompt_init,
+                                 init_seed=init_seed, init_prompt=init_prompt)
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ construction
+    def configure_backbone(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        self.build_prompt(model)
+        if self._prompt_args["init_prompt"]:
+            self.load_prompt_state(torch.load(self._prompt_args["init_prompt"], map_location="cpu", weights_only=True))
+        return model
+
+    def load_prompt_state(self, state: dict[str, Tensor]) -> None:
+        """Copy saved prompt tensors into the matching trainable parameters (names and shapes must match)."""
+        params = dict(self.named_parameters())
+        for name, value in state.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"saved prompt tensor {name!r} {tuple(value.shape)} does not match this module's "
+                                 f"parameters ({ {n: tuple(p.shape) for n, p in params.items() if p.requires_grad} })")
+            with torch.no_grad():
+                params[name].copy_(value)
+
+    def build_prompt(self, model: nn.Module) -> None:
+        """Create the trainable prompt modules (subclasses add their own after calling this)."""
+        args = self._prompt_args
+        m, hidden = args["num_virtual_tokens"], backbone.hidden_size(model)
+        with torch.random.fork_rng():
+            torch.manual_seed(args["init_seed"])
+            if args["deep"]:
+                layers, kv_heads, head_dim = attention_geometry(model)
+                self.prefix = PrefixKV(layers, kv_heads, m, head_dim)
+                self.soft_prompt = None
+            else:
+                init = vocab_init(model, m, args["init_seed"]) if args["prompt_init"] == "vocab" and m > 0 else None
+                self.soft_prompt = SoftPrompt(m, hidden, init) if m > 0 else None
+                self.prefix = None
+        self.use_prompt = True
+
+    # ------------------------------------------------------------------ hooks
+    def prompt_embeddings(self, batch_size: int) -> Tensor | None:
+        """(B, m, H) shallow virtual tokens, or None."""
+        return self.soft_prompt(batch_size) if self.soft_prompt is not None else None
+
+    def input_embeddings(self, embeds: Tensor, positions: Tensor) -> Tensor:
+        """Transform the real tokens' embeddings (B, T, H); ``positions`` (B, T) index tokens within a row."""
+        return embeds
+
+    def prefix_cache(self, batch_size: int) -> Any | None:
+        """A cache pre-filled with per-layer prefix key/values, or None."""
+        if self.prefix is None:
+            return None
+        keys, values = self.prefix(batch_size)
+        return make_prefix_cache(keys, values, backbone.base_model(self.model).config)
+
+    def insert_positions(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B,) column before which the shallow virtual tokens go (default 0: prepend)."""
+        return torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=batch["input_ids"].device)
+
+    # ------------------------------------------------------------------ forward
+    def build_inputs(self, batch: dict[str, Tensor], insert_at: Tensor | None = None) -> dict[str, Any]:
+        """Everything the decoder needs for one full (uncached) forward, plus ``real_index`` (B, T)."""
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        batch_size, length = input_ids.shape
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if not self.use_prompt:
+            return dict(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        cache=None, real_index=torch.arange(length, device=input_ids.device).expand(batch_size, -1))
+        embeds = self.input_embeddings(embeds, position_ids_from_mask(mask))
+        prompt = self.prompt_embeddings(batch_size)
+        real_index = torch.arange(length, device=input_ids.device).expand(batch_size, -1)
+        if prompt is not None and prompt.shape[1] > 0:
+            at = insert_at if insert_at is not None else self.insert_positions(batch)
+            embeds, mask, real_index = insert_virtual(embeds, mask, prompt, at)
+        cache = self.prefix_cache(batch_size)
+        full_mask = mask
+        if cache is not None:
+            past = cache.get_seq_length()
+            full_mask = torch.cat([torch.ones(batch_size, past, dtype=mask.dtype, device=mask.device), mask], 1)
+        positions = position_ids_from_mask(full_mask)[:, full_mask.shape[1] - mask.shape[1]:]
+        return dict(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, cache=cache,
+                    real_index=real_index)
+
+    def run_decoder(self, inputs: dict[str, Any]) -> Tensor:
+        """Final hidden states of the decoder for prepared inputs (all positions, no LM head)."""
+        cache = inputs["cache"]
+        out = backbone.decoder(self.model)(
+            inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"], cache=cache, use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    def forward_hidden(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, T, H) final hidden states aligned with the REAL positions only.
+
+        Row t is the hidden state of the column just before real token t+1 (``real_index[t+1] - 1``), the
+        one that predicts it: the real token t itself when prompts are prepended, the last virtual token
+        when virtual tokens sit between t and t+1 (insertion after the prompt, IAPT).
+        """
+        inputs = self.build_inputs(batch)
+        hidden = self.run_decoder(inputs)
+        index = predicting_columns(inputs["real_index"])
+        return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, T, V) logits at the real positions (position t predicts token t+1)."""
+        return self(batch).logits()
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 32,
+                 use_cache: bool = True, eos_token_id: int | None = None,
+                 output_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Greedy decoding through the prompt hooks; returns (B, new) ids (EOS-padded after EOS).
+
+        With ``output_scores`` also the (B, new, V) logits of every step.
+
+        Prompts should be LEFT-padded. ``use_cache=False`` re-runs the full forward every step (the
+        reference the cached path is tested against).
+        """
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        batch_size = input_ids.shape[0]
+        insert_at = self.generation_insert_positions(input_ids, attention_mask)
+        ids, mask = input_ids, attention_mask
+        done = torch.zeros(batch_size, dtype=torch.bool, device=ids.device)
+        new_tokens: list[Tensor] = []
+        scores: list[Tensor] = []
+        cache = full_mask = next_position = None
+        for step in range(max_new_tokens):
+            if not use_cache or step == 0:
+                inputs = self.build_inputs({"input_ids": ids, "attention_mask": mask}, insert_at=insert_at)
+                if use_cache and inputs["cache"] is None:
+                    from transformers import DynamicCache
+
+                    inputs["cache"] = DynamicCache(config=backbone.base_model(self.model).config)
+                hidden = self.run_decoder(inputs)
+                last = hidden[:, -1:]  # the last column (real or virtual) predicts the next token
+                cache, full_mask = inputs["cache"], inputs["attention_mask"]
+                next_position = inputs["position_ids"][:, -1:] + 1
+            else:
+                token_pos = position_ids_from_mask(mask)[:, -1:]
+                embeds = self.model.get_input_embeddings()(ids[:, -1:])
+                if self.use_prompt:
+                    embeds = self.input_embeddings(embeds, token_pos)
+                full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+                out = backbone.decoder(self.model)(
+                    inputs_embeds=embeds, attention_mask=full_mask, position_ids=next_position,
+                    cache=cache, use_cache=True)
+                cache, last = out.cache, out.last_hidden_state
+                next_position = next_position + 1
+            weight, bias = self.lm_head_weight()
+            logits = torch.nn.functional.linear(last[:, -1], weight, bias)
+            scores.append(logits)
+            token = logits.argmax(-1)
+            token = torch.where(done, torch.full_like(token, eos), token)
+            new_tokens.append(token)
+            done |= token == eos
+            ids = torch.cat([ids, token.unsqueeze(1)], 1)
+            mask = torch.cat([mask, torch.ones_like(token).unsqueeze(1)], 1)
+            if done.all():
+                break
+        tokens = torch.stack(new_tokens, 1)
+        return (tokens, torch.stack(scores, 1)) if output_scores else tokens
+
+    def generation_insert_positions(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Where the virtual tokens go in a left-padded generation prompt (default: in front)."""
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+
+    def generate_text(self, prompts: list[str], max_new_tokens: int = 64, use_cache: bool = True) -> list[str]:
+        """Chat-render ``prompts``, left-pad, decode greedily through the prompt; returns completions."""
+        from zoo.datamodules.sft import render_prompt_ids
+
+        rows = [render_prompt_ids(self.tokenizer, p) for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        device = self.device
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = self.generate(ids, mask, max_new_tokens=max_new_tokens, use_cache=use_cache)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        prompts = batch.get("prompt_text")
+        if prompts is None:
+            raise ValueError("predict needs batches with 'prompt_text' (use a DataModule's predict_dataloader)")
+        return self.generate_text(prompts, max_new_tokens=256)
+
+    # ------------------------------------------------------------------ export
+    def export(self, directory: str | Path) -> Path:
+        """The frozen backbone's export plus ``prompt.pt``: the trainable prompt tensors."""
+        directory = super().export(directory)
+        if self._trainer is None or self.trainer.is_global_zero:
+            state = {name: p.detach().cpu() for name, p in self.trainable_parameters().items()}
+            torch.save(state, Path(directory) / "prompt.pt")
+        return directory
+
+
+def prompt_segment_lengths(batch: dict[str, Tensor]) -> Tensor:
+    """(B,) number of prompt tokens per (right-padded) row, from ``segments`` or else ``labels``."""
+    if "segments" in batch:
+        return (batch["segments"] == SEGMENT_PROMPT).sum(1)
+    labels, mask = batch["labels"], batch["attention_mask"]
+    return ((labels == -100) & (mask == 1)).long().cumprod(1).sum(1)

@@ -1,0 +1,125 @@
+"""cDPO invariants (spec 13, "Small-scale check")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.datamodules.preference import PreferenceDataModule, split_pairs
+from zoo.modules.base import target_mask
+from zoo.modules.objectives.cdpo import (
+    CDPOModule,
+    cdpo_loss,
+    contrastive_scores,
+    contrastive_token_scores,
+    train_contrast_models,
+)
+from zoo.modules.objectives.dpo import dpo_loss
+
+
+def _labels(b=2, t=6, v=5, prompt=2, seed=0):
+    labels = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(seed))
+    labels[:, :prompt] = -100
+    return labels
+
+
+def test_score_with_zero_beta_is_the_positive_models_probability():
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 5, generator=g)
+    labels = _labels()
+    scores = contrastive_token_scores(pos, neg, labels, beta=0.0)
+    p = pos[:, :-1].softmax(-1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    mask = target_mask(labels)
+    assert torch.allclose(scores[:, 1:][mask[:, 1:]], p[mask[:, 1:]])
+    assert torch.all(scores[~mask] == 0)
+
+
+def test_score_is_low_where_the_negative_model_prefers_the_token_and_high_when_swapped():
+    labels = torch.tensor([[-100, 2]])
+    pos = torch.zeros(1, 2, 4)
+    neg = torch.zeros(1, 2, 4)
+    pos[0, 0] = torch.tensor([4.0, 0.0, 0.0, 0.0])  # the positive model prefers token 0
+    neg[0, 0] = torch.tensor([0.0, 0.0, 6.0, 0.0])  # the negative model prefers the actual token 2
+    assert contrastive_token_scores(pos, neg, labels, beta=1.0)[0, 1] < 0.1
+    assert contrastive_token_scores(neg, pos, labels, beta=1.0)[0, 1] > 0.9
+
+
+def _ratios(seed=0, b=3, t=5):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, t)
+    mask[:, :2] = 0
+    mask[0, -1] = 0  # padding
+    return (torch.randn(b, t, generator=g) * mask, torch.randn(b, t, generator=g) * mask,
+            torch.rand(b, t, generator=g), torch.rand(b, t, generator=g), mask)
+
+
+def test_all_weights_one_equals_sequence_dpo():
+    chosen, rejected, s_c, _, mask = _ratios()
+    loss, cr, rr = cdpo_loss(chosen, rejected, s_c, torch.zeros_like(s_c), mask, mask, beta=0.3, only_neg=True)
+    reference, ref_c, ref_r = dpo_loss(chosen.sum(1), rejected.sum(1), beta=0.3)
+    assert torch.allclose(loss, reference) and torch.allclose(cr, ref_c) and torch.allclose(rr, ref_r)
+
+
+@pytest.mark.parametrize("form", ["sequence", "per_position_repo"])
+def test_score_one_removes_the_rejected_gradient(form):
+    chosen, rejected, s_c, _, mask = _ratios()
+    rejected = rejected.clone().requires_grad_(True)
+    chosen = chosen.clone().requires_grad_(True)
+    cdpo_loss(chosen, rejected, s_c, torch.ones_like(s_c), mask, mask, beta=0.3, form=form)[0].backward()
+    assert torch.all(rejected.grad == 0) and chosen.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("form", ["sequence", "per_position_repo"])
+def test_prompt_and_padding_positions_carry_zero_weight(form):
+    chosen, rejected, s_c, s_r, mask = _ratios()
+    base = cdpo_loss(chosen, rejected, s_c, s_r, mask, mask, beta=0.3, only_neg=False, form=form)[0]
+    noise = torch.randn(4, *mask.shape, generator=torch.Generator().manual_seed(5)) * (1 - mask)
+    perturbed = cdpo_loss(chosen + noise[0], rejected + noise[1], s_c + noise[2], s_r + noise[3], mask, mask,
+                          beta=0.3, only_neg=False, form=form)[0]
+    assert torch.allclose(base, perturbed)
+
+
+def test_per_position_repo_form_hand_value():
+    chosen, rejected = torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, -1.0]])
+    s_r, mask = torch.tensor([[0.0, 0.25]]), torch.tensor([[0.0, 1.0]])
+    loss = cdpo_loss(chosen, rejected, torch.zeros(1, 2), s_r, mask, mask, beta=0.5, form="per_position_repo")[0]
+    # position 0 (prompt): -log sigmoid(0) = log 2; position 1: -log sigmoid(0.5 * (2 + 0.75))
+    expected = (torch.log(torch.tensor(2.0)) - torch.nn.functional.logsigmoid(torch.tensor(1.375))) / 2
+    assert torch.allclose(loss, expected)
+
+
+@pytest.fixture(scope="module")
+def pref_data():
+    data = PreferenceDataModule(tokenizer="tiny-llama", num_train=16, num_val=2, num_test=2, max_length=256,
+                                batch_size=4, eval_batch_size=4)
+    data.setup("fit")
+    return data
+
+
+def test_pipeline_contrast_models_score_rejected_lower_and_cdpo_trains(pref_data, tiny_module, fit_tiny, tmp_path):
+    positive, negative = train_contrast_models(pref_data, "tiny-llama", steps=40, lr=3e-3, peft_config={},
+                                               output_dir=tmp_path)
+    batch = next(iter(pref_data._loader("train", shuffle=False)))
+    scores = contrastive_scores(positive, negative, batch)
+    from_dirs = contrastive_scores(tmp_path / "positive", tmp_path / "negative", batch)
+    assert torch.allclose(scores, from_dirs, atol=1e-5)
+    mask = target_mask(batch["labels"]).float()
+    chosen, rejected = split_pairs(scores)
+    mask_c, mask_r = split_pairs(mask)
+    assert (rejected * mask_r).sum() / mask_r.sum() < (chosen * mask_c).sum() / mask_c.sum()
+    # where the two responses differ (the perturbed number), the rejected tokens are the critical ones
+    ids_c, ids_r = split_pairs(batch["input_ids"])
+    differ = (ids_c != ids_r) & (mask_c > 0) & (mask_r > 0)
+    assert rejected[differ].mean() < chosen[differ].mean()
+
+    module = tiny_module(cls=CDPOModule, lr=1e-3)
+    module.set_contrast_models(positive, negative)
+    trainer = fit_tiny(module, pref_data, max_steps=2)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert len(module._score_cache) > 0
+
+
+def test_fit_trains_its_own_contrast_models(tiny_module, pref_data, fit_tiny):
+    module = tiny_module(cls=CDPOModule, contrast_steps=2, form="per_position_repo")
+    fit_tiny(module, pref_data, max_steps=1)
+    assert len(module._contrast) == 2

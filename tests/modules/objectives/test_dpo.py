@@ -1,0 +1,86 @@
+"""DPO baseline invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoo.datamodules.preference import PreferenceDataModule, split_pairs
+from zoo.modules.base import target_mask
+from zoo.modules.objectives.dpo import DPOModule, dpo_loss
+
+
+@pytest.fixture(scope="module")
+def pref_data():
+    data = PreferenceDataModule(tokenizer="tiny-llama", num_train=8, num_val=2, num_test=4, max_length=256,
+                                batch_size=4, eval_batch_size=4)
+    data.setup("fit")
+    return data
+
+
+def test_dpo_loss_hand_value():
+    loss, chosen, rejected = dpo_loss(torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0]), beta=0.5)
+    expected = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(1.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(chosen, torch.tensor([0.5, -1.0])) and torch.allclose(rejected, torch.tensor([0.0, 0.5]))
+
+
+def test_policy_equal_to_reference_gives_log2_and_zero_rewards(tiny_module, pref_data):
+    module = tiny_module(cls=DPOModule)
+    batch = next(iter(pref_data.train_dataloader()))
+    loss = module.compute_loss(batch, module(batch), target_mask(batch["labels"]).float())
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert torch.all(module.sequence_rewards(batch) == 0)
+
+
+def test_reference_logps_equal_naive_hf_log_softmax(tiny_module, pref_data):
+    module = tiny_module(cls=DPOModule)
+    with torch.no_grad():  # make the policy differ from the reference
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = next(iter(pref_data.train_dataloader()))
+    mask = target_mask(batch["labels"]).float()
+    ref = module.reference_token_logps(batch, mask).sum(1)
+    logits = module.reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["labels"][:, 1:].clamp_min(0)[..., None])[..., 0]
+    assert torch.allclose(ref, (logp * mask[:, 1:]).sum(1), atol=1e-4)
+    ratios = module.token_logratios(batch, module(batch), mask)
+    assert ratios.abs().sum() > 0  # the perturbed policy is not the reference
+
+
+def test_training_raises_margin_and_keeps_reference_frozen(tiny_module, pref_data, fit_tiny):
+    module = tiny_module(cls=DPOModule, lr=3e-3, beta=0.5)
+    reference = {k: v.clone() for k, v in module.reference_model.state_dict().items()}
+    assert not any(k.startswith("reference_model.") for k in module.trainable_parameters())
+    before = pref_data.preference_metrics(module, split="train")
+    fit_tiny(module, pref_data, max_steps=20)
+    after = pref_data.preference_metrics(module, split="train")
+    assert before["reward_margin"] == 0.0 and after["reward_margin"] > 0.0
+    assert after["reward_accuracy"] > 0.5
+    assert all(torch.equal(reference[k], v) for k, v in module.reference_model.state_dict().items())
+
+
+def test_peft_policy_uses_the_adapter_free_base_as_reference(tiny_module, pref_data):
+    module = tiny_module(cls=DPOModule, peft_config={"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                     "target_modules": ["q_proj", "v_proj"]})
+    assert module.reference_model is None
+    batch = next(iter(pref_data.train_dataloader()))
+    loss = module.compute_loss(batch, module(batch), target_mask(batch["labels"]).float())
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0 at init: policy == base
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)
+    chosen, rejected = split_pairs(module.sequence_rewards(batch))
+    assert chosen.abs().sum() > 0
+
+
+def test_non_preference_batch_is_rejected_with_a_clear_error(tiny_module, make_batch):
+    from zoo.errors import ConfigError
+
+    module = tiny_module(cls=DPOModule)
+    batch = make_batch()
+    with pytest.raises(ConfigError, match="PreferenceDataModule"):
+        module.compute_loss(batch, module(batch), target_mask(batch["labels"]).float())

@@ -1,0 +1,121 @@
+"""Reliability: resume equals an uninterrupted run; 2-process DDP and FSDP2 from YAML through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "smoke" / "tiny.yaml"
+
+
+class StopAfterEpoch(Callback):
+    """Interrupt the run at the end of epoch ``epoch`` (an epoch boundary, so the data order is reproducible)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _trainer(root: Path, max_steps: int, callbacks=(), checkpointing: bool = False) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=checkpointing,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, default_root_dir=root, callbacks=list(callbacks), gradient_clip_val=1.0)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_module, tiny_data, tmp_path):
+    def data():
+        return tiny_data(num_train=16, max_length=256, batch_size=4)
+
+    probe = data()
+    probe.setup("fit")
+    per_epoch = len(probe.train_dataloader())
+    assert per_epoch >= 2
+    total = 3 * per_epoch  # three epochs; interrupted after the first
+
+    L.seed_everything(0, verbose=False)
+    straight = tiny_module(lr=3e-3, warmup_steps=1)  # cosine schedule over `total` steps
+    _trainer(tmp_path / "a", total).fit(straight, datamodule=data())
+    assert straight.global_step == total
+
+    # Lightning 2.6 resumes iteration-based (max_steps) runs correctly from a checkpoint written at the
+    # train-batch end of an epoch's last batch; the sampler is seeded by (seed, epoch), so the order replays.
+    L.seed_everything(0, verbose=False)
+    first = tiny_module(lr=3e-3, warmup_steps=1)
+    saver = ModelCheckpoint(dirpath=tmp_path / "b", filename="mid", every_n_train_steps=per_epoch, save_top_k=-1)
+    _trainer(tmp_path / "b", total, [StopAfterEpoch(0), saver], checkpointing=True).fit(first, datamodule=data())
+    assert first.global_step == per_epoch
+    ckpt = tmp_path / "b" / "mid.ckpt"
+    assert ckpt.exists()
+
+    L.seed_everything(123, verbose=False)  # the checkpoint, not the seed, must carry the state
+    resumed = tiny_module(lr=3e-3, warmup_steps=1)
+    _trainer(tmp_path / "c", total).fit(resumed, datamodule=data(), ckpt_path=ckpt)
+    assert resumed.global_step == total
+
+    expected, got = straight.state_dict(), resumed.state_dict()
+    mid = first.state_dict()
+    assert any(not torch.equal(mid[k], expected[k]) for k in expected)  # the second half did train
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=1e-6, rtol=0), key
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_RUN_DIR"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return sorted({int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")})
+
+
+TINY_ARGS = ["--config", str(TINY), "--trainer.accelerator", "cpu", "--data.init_args.num_train", "16",
+             "--data.init_args.num_val", "4", "--data.init_args.num_test", "4", "--data.init_args.batch_size", "2",
+             "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+             "--trainer.enable_model_summary", "false"]
+
+
+@pytest.mark.multiproc
+def test_ddp_two_processes_from_yaml(tmp_path):
+    run = tmp_path / "ddp"
+    result = _cli(["fit", *TINY_ARGS, "--config", str(REPO / "configs/strategies/ddp.yaml"),
+                   "--trainer.max_steps", "2", "--trainer.default_root_dir", str(run)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size=2" in result.stderr + result.stdout or "MEMBER: 2/2" in result.stderr + result.stdout
+    assert (run / "export" / "model.safetensors").exists()
+    assert (run / "config.yaml").exists()
+    assert _logged_steps(run) == [0, 1]
+
+
+@pytest.mark.multiproc
+def test_fsdp2_two_processes_from_yaml_and_resume(tmp_path):
+    strategy = ["--config", str(REPO / "configs/strategies/fsdp2.yaml")]
+    first = tmp_path / "fsdp_a"
+    result = _cli(["fit", *TINY_ARGS, *strategy, "--trainer.max_steps", "2", "--trainer.default_root_dir",
+                   str(first)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr + result.stdout
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir(), f"expected a distributed checkpoint folder at {ckpt}"  # sharded, one file per rank
+    assert (first / "export" / "model.safetensors").exists()
+
+    second = tmp_path / "fsdp_b"
+    result = _cli(["fit", *TINY_ARGS, *strategy, "--trainer.max_steps", "4", "--trainer.default_root_dir",
+                   str(second), "--ckpt_path", str(ckpt)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _logged_steps(second) == [2, 3]  # continued from step 2, not from scratch

@@ -1,0 +1,89 @@
+"""``zoo bench`` end to end on the tiny backbone: files, base row, resume, ``--ckpt`` and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zoo.cli import main as zoo_main
+from zoo.registry import REPO_ROOT
+
+TINY = str(REPO_ROOT / "configs" / "smoke" / "tiny.yaml")
+SMALL_DATA = ["--", "--data.init_args.num_train", "16", "--data.init_args.num_test", "4",
+              "--data.init_args.max_length", "128", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false"]
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", TINY, "--max_steps", "2", "--limit", "3", "--max_new_tokens", "6", "--out", str(out)]
+    assert zoo_main(argv + SMALL_DATA) == 0
+    return out, argv
+
+
+def test_bench_writes_results_with_a_base_row(bench_dir):
+    out, _ = bench_dir
+    records = read(out / "results.jsonl")
+    assert [r["method"] for r in records] == ["base", "tiny"]
+    base, tiny = records
+    assert base["steps"] == 0 and base["trainable_params"] == 0
+    assert tiny["steps"] == 2 and tiny["seed"] == 0 and tiny["eval_examples"] == 3
+    assert tiny["trainable_params"] == tiny["total_params"] > 0  # full fine-tuning trains everything
+    for record in records:
+        assert set(record["metrics"]) >= {"exact_match", "nll", "ppl", "nll_tokens"}
+        assert record["metrics"]["ppl"] == pytest.approx(2.718281828 ** record["metrics"]["nll"], rel=1e-6)
+        assert record["versions"]["torch"] and record["peak_rss_mb"] > 0
+    assert tiny["metrics"]["nll_tokens"] == base["metrics"]["nll_tokens"]  # same held-out tokens
+    assert tiny["tokens_per_s"] > 0 and tiny["train_wall_s"] > 0
+    table = (out / "results.md").read_text()
+    assert "| `base` |" in table and "| `tiny` |" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "runs" / "tiny-s0-steps2" / "export" / "config.json").exists()
+    assert len(read(out / "runs" / "tiny-s0-steps2" / "completions.jsonl")) == 3
+
+
+def test_rerun_resumes_without_new_records(bench_dir, capsys):
+    out, argv = bench_dir
+    before = (out / "results.jsonl").read_text()
+    assert zoo_main(argv + SMALL_DATA) == 0
+    assert (out / "results.jsonl").read_text() == before
+    assert "already in results.jsonl, skipped" in capsys.readouterr().err
+
+
+def test_ckpt_on_the_export_reproduces_the_trained_evaluation(bench_dir):
+    out, _ = bench_dir
+    export = out / "runs" / "tiny-s0-steps2" / "export"
+    argv = ["bench", "--ckpt", str(export), "--limit", "3", "--max_new_tokens", "6", "--out", str(out)]
+    assert zoo_main(argv + SMALL_DATA) == 0
+    records = read(out / "results.jsonl")
+    tiny, ckpt = records[1], records[-1]
+    assert ckpt["method"] == "ckpt:tiny-s0-steps2" and len(records) == 3
+    assert ckpt["metrics"]["nll"] == pytest.approx(tiny["metrics"]["nll"], rel=1e-6)
+    assert ckpt["metrics"]["nll_tokens"] == tiny["metrics"]["nll_tokens"]
+    completions = [r["completion"] for r in read(out / "runs" / "ckpt-tiny-s0-steps2" / "completions.jsonl")]
+    assert completions == [r["completion"] for r in read(out / "runs" / "tiny-s0-steps2" / "completions.jsonl")]
+
+
+def test_missing_config_is_one_line_and_nonzero(tmp_path, capsys):
+    assert zoo_main(["bench", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.yaml" in err[0] and err[0].startswith("zoo: error:")
+
+
+def test_ckpt_without_an_export_is_a_clear_error(tmp_path, capsys):
+    assert zoo_main(["bench", "--ckpt", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert "holds no HF export" in capsys.readouterr().err
+
+
+def test_data_overrides_keep_only_data_options_with_their_values():
+    from zoo.harness.bench import data_overrides
+
+    given = ["--trainer.max_epochs", "3", "--data.init_args.num_test", "4", "--data.init_args.seed=2",
+             "--trainer.enable_progress_bar=false", "--data", "x.yaml"]
+    assert data_overrides(given) == ["--data.init_args.num_test", "4", "--data.init_args.seed=2", "--data", "x.yaml"]
