@@ -216,3 +216,42 @@ class CodeDataModule(SFTDataModule):
                 metrics[f"pass@{k}"] = sum(pass_at_k(len(cs), c, k) for cs, c in zip(samples, correct)) / max(
                     1, len(samples))
         return metrics
+
+
+def evaluate_base_model(model_name: str = backbone.SMOLLM2, num_test: int = 20, max_new_tokens: int = 256,
+                        batch_size: int = 10, out: str | None = None) -> dict[str, Any]:
+    """Greedy HumanEval pass@1 of a backbone on the first ``num_test`` problems (batched, left-padded)."""
+    import time
+
+    from zoo.harness.generation import generate
+
+    model, tokenizer = backbone.load(model_name)
+    model.eval()
+    records = humaneval_problems(num_test)
+    started = time.perf_counter()
+    completions = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
+    generation_s = time.perf_counter() - started
+    results = run_many([build_program(r, c) for r, c in zip(records, completions)], workers=2, timeout=10)
+    summary = {"model": model_name, "problems": len(records), "max_new_tokens": max_new_tokens,
+               "pass@1": sum(r.passed for r in results) / max(1, len(results)),
+               "statuses": {s: sum(r.status == s for r in results) for s in {r.status for r in results}},
+               "generation_s": round(generation_s, 1),
+               "passed": [rec["task_id"] for rec, r in zip(records, results) if r.passed]}
+    if out:
+        Path(out).write_text(json.dumps({**summary, "completions": completions}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Base-model HumanEval pass@1 (greedy) through the sandbox.")
+    parser.add_argument("--model", default=backbone.SMOLLM2)
+    parser.add_argument("--num-test", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    print(json.dumps(evaluate_base_model(args.model, args.num_test, args.max_new_tokens, args.batch_size,
+                                         args.out), indent=1))

@@ -14,7 +14,8 @@ Peak memory is the high-water mark of tensor bytes allocated during the call, ab
 ``torch.cuda.max_memory_allocated`` on CUDA; on CPU a dispatch-mode tracker that counts every
 storage an op creates until the tensors holding it are freed (CPU has no allocator statistics).
 The head's weight gradient (V x H) is part of every path's peak. Times are the median of ``--reps``
-runs after ``--warmup`` runs; on a shared CPU they are noisy. Ratios: ``time/keep1`` against the
+runs after ``--warmup`` runs: wall time on CUDA, process CPU time on CPU (a shared CPU makes wall
+time meaningless; run with ``OMP_NUM_THREADS=1``). Ratios: ``time/keep1`` against the
 same path at keep 1.0 (issue target: <= keep + 0.1 for the selected paths), ``mem/naive`` against
 naive at the same N and keep (issue target: <= 0.25 at N = 4096).
 """
@@ -102,16 +103,17 @@ def measure(fn, hidden, weight, labels, token_weights, warmup: int, reps: int) -
     cuda = hidden.is_cuda
     for _ in range(warmup):
         one_step(fn, hidden, weight, labels, token_weights)
+    clock = time.perf_counter if cuda else time.process_time  # CPU: immune to other processes' load
     times = []
     for _ in range(max(reps, 1)):
         hidden.grad = weight.grad = None
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         one_step(fn, hidden, weight, labels, token_weights)
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     hidden.grad = weight.grad = None
     if cuda:
         torch.cuda.synchronize()
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         small = torch.randn(64, args.h, generator=gen).to(device, dtype).requires_grad_()
         one_step(fn, small, weight, torch.randint(0, args.v, (64,), device=device), torch.ones(64, device=device))
 
-    print(f"device={device} dtype={str(dtype).removeprefix('torch.')} H={args.h} V={args.v} "
+    print(f"device={device} clock={'wall' if cuda else 'process CPU'} "
+          f"dtype={str(dtype).removeprefix('torch.')} H={args.h} V={args.v} "
           f"chunk_size={args.chunk_size} warmup={warmup} reps={reps}")
     print("| N | keep | path | time ms | time/keep1 | peak MiB | mem/naive |")
     print("|---:|---:|---|---:|---:|---:|---:|")

@@ -298,13 +298,19 @@ class CausalLMModule(L.LightningModule):
 
     test_step = validation_step
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[str]:
+    def generate_text(self, prompts: list[str], max_new_tokens: int = 256) -> list[str]:
+        """Greedy completions of chat-rendered ``prompts``: the harness's single entry point.
+
+        Subclasses whose forward differs from the plain backbone (soft prompts, ...) override this."""
         from zoo.harness.generation import generate
 
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[str]:
         prompts = batch.get("prompt_text")
         if prompts is None:
-            raise ValueError("predict needs batches with 'prompt_text' (use a DataModule's predict_dataloader)")
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=256)
+            raise ConfigError("predict needs batches with 'prompt_text' (use a DataModule's predict_dataloader)")
+        return self.generate_text(prompts)
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -351,8 +357,11 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoint + export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
-        if self.hparams.checkpoint_trainable_only and isinstance(state, dict):
-            trainable = set(self.trainable_parameters())
+        sharded = any(hasattr(p, "full_tensor") for p in self.parameters())  # FSDP2 loads need every key
+        if self.hparams.checkpoint_trainable_only and isinstance(state, dict) and not sharded:
+            # by tensor, not by name: a tied alias (lm_head.weight = embed_tokens.weight) is kept too
+            trainable_ids = {id(p) for p in self.trainable_parameters().values()}
+            trainable = {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in trainable_ids}
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
             checkpoint["zoo_trainable_only"] = True
 

@@ -222,6 +222,9 @@ class CAFTModule(CausalLMModule):
     def on_fit_start(self) -> None:
         if self._heads_ready or self.hparams.stage == "heads":
             return
+        if self.trainer.datamodule is None:
+            raise ConfigError("CAFT head pre-training reads trainer.datamodule: fit with a datamodule, or pass "
+                              "heads_path / head_pretrain_steps: 0")
         steps = 1 if self.trainer.fast_dev_run else self.hparams.head_pretrain_steps
         losses = self.pretrain_heads(self.trainer.datamodule.train_dataloader(), steps)
         print(f"[zoo] CAFT head pre-training: {steps} steps, head loss {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -328,12 +328,6 @@ class SoftPromptModule(CausalLMModule):
         out = self.generate(ids, mask, max_new_tokens=max_new_tokens, use_cache=use_cache)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        prompts = batch.get("prompt_text")
-        if prompts is None:
-            raise ValueError("predict needs batches with 'prompt_text' (use a DataModule's predict_dataloader)")
-        return self.generate_text(prompts, max_new_tokens=256)
-
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> Path:
         """The frozen backbone's export plus ``prompt.pt``: the trainable prompt tensors."""

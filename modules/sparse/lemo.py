@@ -596,11 +596,13 @@ class LeMoSparseStrategy(Callback):
         return self.predictor_refresh_every > 0 and global_step % self.predictor_refresh_every == 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.predictors.to(pl_module.device)
         self._begin_batch(batch)
         self.context.capture = self._wants_predictor_step(trainer.global_step)
         self.context.use_predictors = self.scorer == "predictor" and self.predictor_step >= self.predictor_steps
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.predictors.to(pl_module.device)
         self._begin_batch(batch)
         self.context.capture = False
 

@@ -35,8 +35,14 @@ DDP: quantiles, bisection, top-up and the global token budget are computed per r
 micro-batch (no all-gather), exactly like the official per-device trainer; a rank's batch below
 ``min_batch_size`` trains on every token (quantiles of a few samples are degenerate).
 
-Not implemented: the two-pass "efficient" mode (a no-grad scoring pass, then forward/backward on
-the kept samples only), which is what saves compute; here pruned tokens skip only the LM head.
+Modes (``scoring``): ``training_forward`` (default, the official code) scores on the detached
+statistics of the training forward, so pruned tokens save only the LM head; ``separate_pass`` (the
+spec's efficient mode) runs a no-grad scoring forward in ``on_train_batch_start`` and removes the
+dropped samples from the batch (every key, rows kept in order), so forward and backward run on the
+kept samples only. Its scoring forward costs one extra no-grad pass; it pays off when few samples
+are kept.
+
+Not implemented: the code's ``loss_norm="attention"`` (see above); a score buffer across batches.
 """
 
 from __future__ import annotations
@@ -102,7 +108,8 @@ def triage(ppl: Tensor, ent: Tensor, sample_ratio: float, iterations: int = 10, 
     """Bisect ``alpha = beta`` towards ``sample_ratio`` kept samples, then top up to ``K`` (official code)."""
     size = ppl.numel()
     low, high = 0.0, max_quantile
-    for step in range(1, iterations + 1):
+    step = 0
+    for step in range(1, iterations + 1):  # noqa: B007  (the last iterate is reported)
         alpha = (low + high) / 2
         q2, q4 = quadrant_masks(ppl, ent, alpha, alpha)
         fraction = float((q2 | q4).double().mean())
@@ -208,6 +215,7 @@ class QTuningCallback(Callback):
         max_quantile: float = 0.49,
         min_batch_size: int = 4,
         max_nll: float = 50.0,
+        scoring: Literal["training_forward", "separate_pass"] = "training_forward",
     ) -> None:
         """
         Args:
@@ -223,6 +231,8 @@ class QTuningCallback(Callback):
             max_quantile: upper end of the quantile search range (code 0.49).
             min_batch_size: smaller micro-batches are trained whole (quantiles would be degenerate).
             max_nll: clamp of nll before exp (overflow guard).
+            scoring: ``training_forward`` (code: score on the training forward) or ``separate_pass`` (a no-grad
+                scoring pass, then train on the kept samples only: the compute-saving mode).
         """
         super().__init__()
         if not 0.0 < sample_ratio <= 1.0 or not 0.0 < token_ratio <= 1.0:
@@ -232,10 +242,34 @@ class QTuningCallback(Callback):
         self.token_budget, self.keep, self.entropy_positions = token_budget, keep, entropy_positions
         self.bisect_iterations, self.bisect_tolerance = bisect_iterations, bisect_tolerance
         self.max_quantile, self.min_batch_size, self.max_nll = max_quantile, min_batch_size, max_nll
+        self.scoring = scoring
         self.last_triage: Triage | None = None
+        self._pending: Tensor | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Tensor],
+                             batch_idx: int) -> None:
+        if self.scoring != "separate_pass":
+            return
+        size = batch["input_ids"].shape[0]
+        with torch.no_grad():
+            weights = self.score(pl_module, batch, pl_module(batch))
+        rows = (weights != 0).any(1).nonzero().flatten()
+        if rows.numel() < size:
+            for key, value in list(batch.items()):
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
+                    batch[key] = value.index_select(0, rows.to(value.device))
+        self._pending = weights.index_select(0, rows)
 
     def select(self, module: L.LightningModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor:
         """TokenSelector hook: (B, T) 0/1 weights after sample triage and Q2 token pruning."""
+        if self.scoring == "separate_pass" and self._pending is not None:
+            weights, self._pending = self._pending, None
+            if weights.shape == batch["labels"].shape:
+                return weights
+        return self.score(module, batch, outputs)
+
+    def score(self, module: L.LightningModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor:
+        """(B, T) 0/1 weights after sample triage and Q2 token pruning, from ``outputs``' detached statistics."""
         attention = batch["attention_mask"]
         response = target_mask(batch["labels"]) & attention.bool()
         if response.shape[0] < self.min_batch_size:
@@ -266,5 +300,5 @@ register(
     spec="02",
     config="configs/qtuning.yaml",
     target="zoo.modules.token_level.qtuning:QTuningCallback",
-    scope="one-forward (code) mode only; no two-pass compute-saving mode; no attention-position loss norm",
+    scope="no attention-position loss normalisation (the code's denominator); no cross-batch score buffer",
 )

@@ -61,7 +61,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         split = argv.index("--")
         argv, overrides = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(prog="zoo bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="zoo bench", description=__doc__.split("\n\n")[0],
+        epilog="Arguments after `--` go to LightningCLI for every config, e.g. "
+               "`-- --data.init_args.num_test 16 --model.init_args.lr 1e-4` (with --ckpt only --data... ones apply).")
     parser.add_argument("configs", nargs="*", help="method configs (YAML) to train and evaluate")
     parser.add_argument("--ckpt", action="append", default=[],
                         help="evaluate a run directory or an HF export folder instead of training (repeatable)")

@@ -162,3 +162,31 @@ def test_callback_drops_noise_and_keeps_calibration_whole_on_the_model(tiny_modu
     for row in result.q4.nonzero().flatten().tolist():
         assert torch.equal(weights[row], response[row].float())
     assert (weights[~response] == 0).all()
+
+
+def test_separate_pass_trains_only_kept_samples_with_the_same_weights_and_loss(tiny_module, tiny_data):
+    data = tiny_data(max_length=128, batch_size=8, num_train=32)
+    data.setup("fit")
+    original = next(iter(data.train_dataloader()))
+    module = tiny_module()
+    simple = QTuningCallback(sample_ratio=0.5, token_ratio=0.7)
+    with torch.no_grad():
+        outputs = module(original)
+        simple_weights = simple.select(module, original, outputs)
+        simple_loss = module.compute_loss(original, outputs, target_mask(original["labels"]) * simple_weights)
+    # Rows with any kept token (a Q2 sample can lose every token to the global budget: then it goes too).
+    kept = (simple_weights != 0).any(1)
+    assert not (kept & ~simple.last_triage.kept).any()
+
+    batch = dict(original)
+    two_pass = QTuningCallback(sample_ratio=0.5, token_ratio=0.7, scoring="separate_pass")
+    two_pass.on_train_batch_start(None, module, batch, 0)
+    assert batch["input_ids"].shape[0] == int(kept.sum()) < original["input_ids"].shape[0]
+    assert torch.equal(batch["labels"], original["labels"][kept])
+    assert torch.equal(batch["index"], original["index"][kept])
+    with torch.no_grad():
+        outputs = module(batch)
+        weights = two_pass.select(module, batch, outputs)
+        loss = module.compute_loss(batch, outputs, target_mask(batch["labels"]) * weights)
+    assert torch.equal(weights, simple_weights[kept])
+    torch.testing.assert_close(loss, simple_loss, atol=1e-5, rtol=1e-5)
