@@ -110,11 +110,29 @@ def main(argv: list[str] | None = None) -> int:
             from zoo.harness.bench import main as bench_main
 
             return bench_main(argv[1:])
-        lightning_main(None if argv == sys.argv[1:] else argv)
+        preset_run_dir = os.environ.get("ZOO_RUN_DIR")  # set by a DDP launcher (child rank) or the user
+        try:
+            lightning_main(None if argv == sys.argv[1:] else argv)
+        finally:
+            if preset_run_dir is None:  # the next in-process run (bench, notebook) gets its own run dir
+                os.environ.pop("ZOO_RUN_DIR", None)
         return 0
-    except ZooError as err:  # one clear line for what the user can fix; a traceback for bugs
-        print(f"zoo: error: {err}", file=sys.stderr)
+    except Exception as err:  # one clear line for what the user can fix; a traceback for bugs
+        cause = _zoo_error_in_chain(err)  # jsonargparse wraps errors raised while instantiating classes
+        if cause is None:
+            raise
+        print(f"zoo: error: {cause}", file=sys.stderr)
         return 1
+
+
+def _zoo_error_in_chain(err: BaseException | None) -> ZooError | None:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ZooError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

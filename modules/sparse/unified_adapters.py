@@ -11,8 +11,9 @@ values from an embedding E (l×d) → Linear(d, mid) → tanh → Linear(mid, L�
 re-parameterisation); :meth:`PrefixEncoder.cache_prefixes` computes them once and drops the MLP (the
 paper's parameter count, 2·l·d_kv per attention sub-layer). The prefix enters every attention layer
 as already-positioned cache entries (a pre-hook on the decoder fills an empty KV cache and extends
-the attention mask by l ones); real tokens then sit at positions l..l+T-1, which RoPE (relative)
-does not notice. MAM = prefix l=30 at attention + scaled PA (r=512, s=4) at every FFN; the backbone
+the attention mask by l ones); real tokens sit at positions l + (index among non-padding tokens),
+the same in training (right padding) and left-padded decoding, because the unrotated prefix keys
+make the prefix scores depend on the query's absolute position. MAM = prefix l=30 at attention + scaled PA (r=512, s=4) at every FFN; the backbone
 is frozen. The prefix/gated-adapter identity (eq. 5 of the paper) is :func:`gated_prefix_attention`,
 tested against plain attention over the concatenated keys.
 Differs: decoder-only Llama-style backbone (one attention type, GQA prefixes have d_kv = kv heads ×
@@ -134,6 +135,8 @@ def _prefix_pre_hook(encoder: PrefixEncoder, config):
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        if kwargs.get("position_ids") is None:  # real tokens at l + their index among non-padding tokens
+            kwargs["position_ids"] = encoder.length + (mask.long().cumsum(-1) - 1).clamp_min(0)
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, encoder.length), mask], dim=1)
         kwargs["cache"] = cache
         kwargs.pop("past_key_values", None)

@@ -29,9 +29,14 @@ def test_adapter_reads_the_sublayer_input(placement, tiny_module):
     layer = module.model.model.layers[0]
     sub = layer.mlp if placement == "ffn" else layer.self_attn
     seen = {}
-    sub.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("in", kw.get("hidden_states", a[0] if a else None)),
-                                  with_kwargs=True)
-    sub.zoo_parallel_adapter.register_forward_pre_hook(lambda m, a: seen.setdefault("adapter", a[0]))
+    def grab_input(m, a, kw):
+        seen["in"] = kw.get("hidden_states", a[0] if a else None)
+
+    def grab_adapter(m, a):
+        seen["adapter"] = a[0]
+
+    sub.register_forward_pre_hook(grab_input, with_kwargs=True)
+    sub.zoo_parallel_adapter.register_forward_pre_hook(grab_adapter)
     module.model(input_ids=torch.randint(0, 256, (1, 6)))
     assert torch.equal(seen["adapter"], seen["in"])
 
@@ -75,8 +80,7 @@ def test_prefix_enters_every_layer_and_generation_matches_forward(tiny_module):
     ids = torch.randint(0, 256, (2, 7))
     with_prefix, without = module.model(input_ids=ids).logits, plain.model(input_ids=ids).logits
     assert with_prefix.shape == without.shape and not torch.allclose(with_prefix, without)
-    # a prefix whose keys/values are zero and whose logits cannot win changes nothing only if masked:
-    # here check padding: a left-padded row gives the same last-token logits as the unpadded row
+    # positions are counted over real tokens: a left-padded row gives the unpadded row's logits
     pad = torch.full((1, 2), 0)
     padded = torch.cat([pad, ids[:1]], dim=1)
     mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)

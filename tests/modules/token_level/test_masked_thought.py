@@ -176,3 +176,15 @@ def test_validation_batches_are_never_corrupted(tiny_module, tiny_data, fit_tiny
     assert module.corrupted_train > 0
     clean = next(iter(data.val_dataloader()))["input_ids"]
     assert module.val_ids and all(torch.equal(ids, clean) for ids in module.val_ids)
+
+
+def test_drop_attention_hides_exactly_the_corrupted_positions():
+    generator = torch.Generator().manual_seed(3)
+    callback = MaskedThoughtCallback(max_rate=0.5, warmup_ratio=0.0, corruption="mask_token", drop_attention=True)
+    callback.mask_id = 258
+    batch = _padded_batch(generator, batch=8, width=32)
+    attention = batch["attention_mask"].clone()
+    callback.on_train_batch_start(_fake_trainer(), _Recorder(), batch, 0)
+    replaced = batch["input_ids"] != batch["clean_input_ids"]
+    assert replaced.any()
+    assert torch.equal(batch["attention_mask"], attention * (~replaced).long())

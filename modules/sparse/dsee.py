@@ -1,0 +1,240 @@
+"""DSEE: low-rank + fixed-support sparse weight updates, then update-guided magnitude pruning.
+
+Paper: DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language Models (2021).
+Spec: papers/38-dsee.md.
+
+Implements: :func:`sparse_support`, the GreBsmo-style low-rank + sparse decomposition of each
+pretrained target matrix (rank grows by ``rank_step`` per outer round, two inner U/V/S updates with
+hard thresholding) whose top-N ``|S|`` entries give the support Ω; :class:`DSEEDelta`, the update
+``ΔW = (α/r)(B A + S ⊙ M_Ω)`` attached by a forward hook to q and v of every attention layer (A ~ N(0,
+0.02), B = 0, S = 0, so the model starts exactly at the backbone; S is stored as N values on the
+fixed index set Ω, so entries outside Ω cannot change and the trainable count is exactly
+``r(d_in + d_out) + N`` per matrix); :class:`DSEEModule` freezing the backbone; and
+:class:`DSEEPruning`, the stage-2 unstructured pruning: at ``prune_step`` the q/v weights are pruned
+globally by the update magnitude ``|ΔW|`` (mode ABS; WABS uses ``|W + ΔW|``) at ratio ``p_qv`` and the
+other linear layers of the blocks by ``|W|`` at ratio ``p``, exactly (by index, ±0 entries); ``W ←
+W ⊙ M`` on the frozen weights, which then stay zero; A, B, S keep training. :func:`merge_dsee`
+folds ``W ⊙ M + ΔW`` into plain Linear weights for export / inference.
+Differs: the decomposition's hard threshold is relative (``threshold_scale`` × std(W); the repo's
+absolute 0.01 assumes BERT-scale weights); the support is computed with a seeded generator, so every
+DDP rank computes the same Ω without a broadcast; a causal LM has no task head.
+Not implemented: stage 2b structured (attention-head) pruning; real sparse kernels (FLOPs savings
+are modelled by the sparsity, not measured).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from zoo import backbone
+from zoo.modules.base import CausalLMModule
+from zoo.registry import register
+
+
+# ---------------------------------------------------------------------------- pure functions
+@torch.no_grad()
+def sparse_support(weight: Tensor, num_sparse: int, outer_rounds: int = 100, rank_step: int = 5,
+                   threshold: float | None = None, generator: torch.Generator | None = None,
+                   return_history: bool = False) -> Tensor | tuple[Tensor, list[float]]:
+    """Flat indices (N,) of the support Ω of a (d_out, d_in) matrix (GreBsmo-style W ≈ U V + S).
+
+    ``threshold`` zeroes ``|S|`` entries below it (default 0.25·std(W)). With ``return_history`` also
+    returns ‖W − U V − S‖_F after each outer round."""
+    w = weight.detach().float().cpu()
+    d_out, d_in = w.shape
+    thr = 0.25 * float(w.std()) if threshold is None else threshold
+    v = torch.randn(1, d_in, generator=generator)
+    s = torch.zeros_like(w)
+    history = []
+    for _ in range(outer_rounds):
+        s = torch.zeros_like(w)
+        for _ in range(2):
+            u = torch.linalg.qr((w - s) @ v.T).Q
+            v = u.T @ (w - s)
+            s = w - u @ v
+            s = torch.where(s.abs() < thr, torch.zeros_like(s), s)
+        residual = w - u @ v - s
+        history.append(float(residual.norm()))
+        if v.shape[0] + rank_step > min(d_out, d_in):
+            break
+        v = torch.cat([v, torch.linalg.qr(residual).R[:rank_step]])
+    order = torch.sort(s.abs().flatten(), descending=True, stable=True).indices[:num_sparse]
+    index = order.sort().values
+    return (index, history) if return_history else index
+
+
+def global_prune_masks(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
+    """Bool keep-masks pruning exactly ``round(ratio * total)`` lowest-score entries over all tensors."""
+    names = sorted(scores)
+    flat = torch.cat([scores[n].detach().float().flatten().cpu() for n in names])
+    prune = int(round(ratio * flat.numel()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:prune]] = False
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[start:start + size].view(scores[n].shape).to(scores[n].device)
+        start += size
+    return out
+
+
+# ---------------------------------------------------------------------------- the update layer
+class DSEEDelta(nn.Module):
+    """ΔW = (α/r)(B A + S ⊙ M_Ω) for one frozen Linear (added to its output by a forward hook)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, support: Tensor) -> None:
+        super().__init__()
+        self.d_in, self.d_out, self.scaling = d_in, d_out, alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, d_in) * 0.02)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
+        self.sparse_values = nn.Parameter(torch.zeros(support.numel()))
+        self.register_buffer("support", support.long())
+
+    def sparse_dense(self) -> Tensor:
+        """S ⊙ M_Ω as a dense (d_out, d_in) matrix (zero outside Ω by construction)."""
+        flat = torch.zeros(self.d_out * self.d_in, dtype=self.sparse_values.dtype, device=self.sparse_values.device)
+        return flat.index_put((self.support,), self.sparse_values).view(self.d_out, self.d_in)
+
+    def delta_weight(self) -> Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A + self.sparse_dense())
+
+    def forward(self, x: Tensor) -> Tensor:
+        low_rank = (x @ self.lora_A.T) @ self.lora_B.T
+        return self.scaling * (low_rank + x @ self.sparse_dense().T)
+
+
+def _delta_hook(delta: DSEEDelta):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return output + delta(args[0])
+
+    return hook
+
+
+def dsee_targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, Linear) of every Linear carrying a DSEE delta."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "zoo_dsee")]
+
+
+@torch.no_grad()
+def merge_dsee(model: nn.Module) -> None:
+    """Fold ``W + ΔW`` into each target's weight and remove the deltas and hooks (plain HF model after)."""
+    for _, linear in dsee_targets(model):
+        linear.weight.add_(linear.zoo_dsee.delta_weight().to(linear.weight.dtype))
+        linear.zoo_dsee.hook_handle.remove()
+        del linear.zoo_dsee
+
+
+class DSEEModule(CausalLMModule):
+    """Frozen backbone; q and v of every attention layer get a low-rank + fixed-support sparse update."""
+
+    def __init__(self, rank: int = 16, alpha: float = 32.0, num_sparse: int = 16,
+                 targets: list[str] | None = None, outer_rounds: int = 100, threshold_scale: float = 0.25,
+                 support_seed: int = 0, **kwargs: Any) -> None:
+        """
+        Args:
+            rank: r, rank of the low-rank update (repo scripts: 16).
+            alpha: α; the update is scaled by α/r (low-rank and sparse parts alike).
+            num_sparse: N, sparse entries per matrix (repo scripts: 16).
+            targets: attention projections with an update (paper: q and v).
+            outer_rounds: R_out, outer rounds of the decomposition (repo: 100; rank grows 5 per round).
+            threshold_scale: hard threshold of the decomposition as a multiple of std(W) (repo: absolute 0.01).
+            support_seed: seed of the decomposition's random start (same Ω on every rank).
+            **kwargs: the CausalLMModule arguments (model, lr, ...).
+        """
+        self._dsee = dict(rank=rank, alpha=alpha, num_sparse=num_sparse, targets=list(targets or ["q_proj", "v_proj"]),
+                          outer_rounds=outer_rounds, threshold_scale=threshold_scale, support_seed=support_seed)
+        super().__init__(**kwargs)
+
+    def configure_backbone(self, model: nn.Module) -> nn.Module:
+        o = self._dsee
+        model.requires_grad_(False)
+        generator = torch.Generator().manual_seed(o["support_seed"])
+        for layer in backbone.decoder_layers(model):
+            for name, linear in layer.named_modules():
+                if isinstance(linear, nn.Linear) and name.split(".")[-1] in o["targets"]:
+                    w = linear.weight
+                    support = sparse_support(w, o["num_sparse"], o["outer_rounds"],
+                                             threshold=o["threshold_scale"] * float(w.float().std()),
+                                             generator=generator)
+                    linear.zoo_dsee = DSEEDelta(w.shape[1], w.shape[0], o["rank"], o["alpha"], support).to(w.device)
+                    linear.zoo_dsee.hook_handle = linear.register_forward_hook(_delta_hook(linear.zoo_dsee))
+        return model
+
+
+class DSEEPruning(L.Callback):
+    """Stage 2a: at ``prune_step``, update-guided global pruning of q/v and magnitude pruning of the rest."""
+
+    def __init__(self, prune_step: int = 100, ratio_qv: float = 0.2, ratio_other: float = 0.2,
+                 mode: Literal["ABS", "WABS"] = "ABS") -> None:
+        """
+        Args:
+            prune_step: optimizer step at which the pretrained weights are pruned (end of stage 1).
+            ratio_qv: p_qv, global pruning ratio over the q/v weights, scored by the update (repo RTE: 0.2).
+            ratio_other: p, global magnitude pruning ratio over the other linear layers of the blocks.
+            mode: ``ABS`` scores q/v by |ΔW| (the paper's update-guided masks); ``WABS`` by |W + ΔW|.
+        """
+        self.prune_step, self.ratio_qv, self.ratio_other, self.mode = prune_step, ratio_qv, ratio_other, mode
+        self.keep: dict[str, Tensor] = {}
+        self._module: nn.Module | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._module = pl_module
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.keep and trainer.global_step >= self.prune_step:
+            self.prune(pl_module)
+
+    @torch.no_grad()
+    def prune(self, module: nn.Module) -> None:
+        blocks = backbone.decoder_layers(module.model)
+        block_linears = {f"{i}.{n}": m for i, layer in enumerate(blocks)
+                         for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        qv = {n: m for n, m in block_linears.items() if hasattr(m, "zoo_dsee")}
+        other = {n: m for n, m in block_linears.items() if n not in qv}
+        scores = {}
+        for n, m in qv.items():
+            delta = m.zoo_dsee.delta_weight()
+            scores[n] = delta.abs() if self.mode == "ABS" else (m.weight + delta).abs()
+        self.keep = global_prune_masks(scores, self.ratio_qv) if qv else {}
+        if other:
+            self.keep.update(global_prune_masks({n: m.weight.abs() for n, m in other.items()}, self.ratio_other))
+        self._apply(module)
+
+    @torch.no_grad()
+    def _apply(self, module: nn.Module) -> None:
+        blocks = backbone.decoder_layers(module.model)
+        for name, keep in self.keep.items():
+            index, path = name.split(".", 1)
+            linear = blocks[int(index)].get_submodule(path)
+            if linear.weight.requires_grad:
+                raise RuntimeError(f"DSEE pruning expects frozen backbone weights; {name} trains")
+            linear.weight.mul_(keep.to(linear.weight.device, linear.weight.dtype))
+
+    def sparsity(self) -> float:
+        """Fraction of pruned entries over the pruned tensors."""
+        total = sum(k.numel() for k in self.keep.values())
+        return 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(1, total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keep": {k: v.cpu() for k, v in self.keep.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # frozen pruned weights are not in a trainable-only checkpoint: re-apply the masks
+        self.keep = dict(state.get("keep", {}))
+        if self.keep and self._module is not None:
+            self._apply(self._module)
+
+
+register(
+    name="dsee",
+    kind="module",
+    paper="DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language Models (2021)",
+    spec="38",
+    config="configs/dsee.yaml",
+    target="zoo.modules.sparse.dsee:DSEEModule",
+    scope="low-rank + sparse update and unstructured update-guided pruning (DSEEPruning); head pruning left out",
+)
