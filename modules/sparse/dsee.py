@@ -43,7 +43,9 @@ def sparse_support(weight: Tensor, num_sparse: int, outer_rounds: int = 100, ran
     """Flat indices (N,) of the support Ω of a (d_out, d_in) matrix (GreBsmo-style W ≈ U V + S).
 
     ``threshold`` zeroes ``|S|`` entries below it (default 0.25·std(W)). With ``return_history`` also
-    returns ‖W − U V − S‖_F after each outer round."""
+    returns the low-rank fit error ‖W − U V‖_F after each outer round (rank 1, 6, 11, ...). (The full
+    residual ‖W − U V − S‖ is not monotone under hard thresholding: as U V improves, more entries of
+    W − U V fall below the threshold and move from S into the residual.)"""
     w = weight.detach().float().cpu()
     d_out, d_in = w.shape
     thr = 0.25 * float(w.std()) if threshold is None else threshold
@@ -58,7 +60,7 @@ def sparse_support(weight: Tensor, num_sparse: int, outer_rounds: int = 100, ran
             s = w - u @ v
             s = torch.where(s.abs() < thr, torch.zeros_like(s), s)
         residual = w - u @ v - s
-        history.append(float(residual.norm()))
+        history.append(float((w - u @ v).norm()))
         if v.shape[0] + rank_step > min(d_out, d_in):
             break
         v = torch.cat([v, torch.linalg.qr(residual).R[:rank_step]])

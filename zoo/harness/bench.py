@@ -539,7 +539,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for axis, (key, title) in zip(axes, panels):
         stats = [r["stats"].get(key, (float("nan"), 0.0)) if key else (float("nan"), 0.0) for r in rows]
         colors = ["0.6" if r["method"] == "base" else "C0" for r in rows]
-        axis.bar(range(len(rows)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color=colors)
+        bars = axis.bar(range(len(rows)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4,
+                        color=colors)
+        axis.bar_label(bars, labels=[f"{s[0]:.3g}" for s in stats], fontsize=8, padding=2)
+        finite = [s[0] for s in stats if math.isfinite(s[0])]
+        if key == main and finite and all(0.0 <= v <= 1.0 for v in finite):
+            axis.set_ylim(0.0, 1.05)  # a fraction (exact match, accuracy): show it on its full scale
         axis.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.grid(axis="y", alpha=0.3)

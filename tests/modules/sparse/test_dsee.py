@@ -13,14 +13,18 @@ def _module(tiny_module, **kw):
     return tiny_module(cls=DSEEModule, rank=4, alpha=8.0, num_sparse=16, outer_rounds=6, lr=1e-2, **kw)
 
 
-def test_decomposition_residual_decreases_and_support_has_n_entries():
+def test_decomposition_fit_improves_with_rank_and_support_finds_planted_spikes():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(40, 30, generator=g) @ torch.randn(30, 30, generator=g) * 0.1
-    w[3, 4] += 5.0  # a spike the sparse part should catch
-    index, history = sparse_support(w, 10, outer_rounds=5, generator=g, return_history=True)
+    w = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g) * 0.3  # rank 3
+    spikes = torch.randperm(1200, generator=g)[:10]
+    w.view(-1)[spikes] += 3.0
+    index, history = sparse_support(w, 10, outer_rounds=4, generator=torch.Generator().manual_seed(1),
+                                    return_history=True)
     assert index.numel() == 10 == index.unique().numel()
-    assert all(b <= a + 1e-5 for a, b in zip(history, history[1:])) and history[-1] < history[0]
-    assert 3 * 30 + 4 in index.tolist()
+    assert all(b < a for a, b in zip(history, history[1:]))  # ||W - UV|| falls as the rank grows
+    index, _ = sparse_support(w, 10, outer_rounds=2, generator=torch.Generator().manual_seed(1),
+                              return_history=True)  # rank <= 6: the spikes are left to S
+    assert len(set(index.tolist()) & set(spikes.tolist())) >= 8
 
 
 def test_zero_start_logits_equal_frozen_model(tiny_module, make_batch):
@@ -81,4 +85,6 @@ def test_pruning_masks_restored_from_callback_state(tiny_module):
     restored.load_state_dict(pruning.state_dict())
     expected = dict(source.named_parameters())
     for name, p in fresh.named_parameters():
-        assert torch.equal(p, expected[name]), name
+        if "zoo_dsee" not in name:  # the backbone weights, pruned alike (A's random init differs)
+            assert torch.equal(p, expected[name]), name
+    assert any(int((p == 0).sum()) > 100 for n, p in fresh.named_parameters() if "zoo_dsee" not in n)
