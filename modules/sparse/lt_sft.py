@@ -109,7 +109,7 @@ class SparseDelta:
         """Add ``scale * delta`` in place; returns the original values at the touched entries (for revert)."""
         params = dict(model.named_parameters())
         saved = {}
-        for name, (index, values, shape) in self.entries.items():
+        for name, (index, values, _shape) in self.entries.items():
             flat = params[name].data.view(-1)
             idx = index.to(flat.device)
             saved[name] = flat[idx].clone()

@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 
 from zoo.modules.base import CausalLMModule
-from zoo.modules.sparse.dsee import DSEEModule, DSEEPruning, dsee_targets, global_prune_masks, merge_dsee, sparse_support
+from zoo.modules.sparse.dsee import (
+    DSEEModule,
+    DSEEPruning,
+    dsee_targets,
+    global_prune_masks,
+    merge_dsee,
+    sparse_support,
+)
 
 
 def _module(tiny_module, **kw):

@@ -50,15 +50,15 @@ def test_prefix_attention_equals_gated_parallel_adapter():
 
 
 def test_parameter_counts_with_cached_prefix(tiny_module):
-    l, r = 4, 8
-    module = tiny_module(cls=UnifiedAdapterModule, bottleneck=r, prefix_length=l, prefix_mid_dim=16)
+    length, r = 4, 8
+    module = tiny_module(cls=UnifiedAdapterModule, bottleneck=r, prefix_length=length, prefix_mid_dim=16)
     d, d_kv, layers = 64, 32, 2  # tiny-llama: 2 kv heads x head_dim 16
     adapters = (2 * r * d + r + d) * layers
     encoder = module.prefix_encoder()
-    assert encoder.trainable_count() == l * d + (d * 16 + 16) + (16 * layers * 2 * d_kv + layers * 2 * d_kv)
+    assert encoder.trainable_count() == length * d + (d * 16 + 16) + (16 * layers * 2 * d_kv + layers * 2 * d_kv)
     encoder.cache_prefixes()
     trainable = sum(p.numel() for p in module.trainable_parameters().values())
-    assert trainable == 2 * l * d_kv * layers + adapters == module.parameter_budget()
+    assert trainable == 2 * length * d_kv * layers + adapters == module.parameter_budget()
 
 
 def test_only_adapter_and_prefix_parameters_get_gradients(tiny_module, make_batch):
