@@ -17,9 +17,9 @@ import yaml
 from zoo import registry
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_DATA = [  # byte tokenizer: 96 tokens would drop every chain_sum preference pair, 192 keeps most rows
+TINY_DATA = [  # byte tokenizer: 96 tokens would drop every chain_sum preference pair
     "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
-    "--data.init_args.num_test", "4", "--data.init_args.max_length", "192", "--data.init_args.batch_size", "2",
+    "--data.init_args.num_test", "4", "--data.init_args.max_length", "128", "--data.init_args.batch_size", "2",
 ]
 
 

@@ -63,10 +63,18 @@ def rebuild_optimizer(trainer: L.Trainer, carry_state: bool = True, carry_schedu
         trainer: a Trainer whose strategy already set up optimizers once.
         carry_state: copy per-tensor optimizer state (Adam moments, step) for tensors still trained.
         carry_schedule: keep the scheduler position (else the schedule and warm-up restart).
+
+    Callbacks that shape the optimizer (layer-wise LR decay) define ``on_optimizer_rebuilt(trainer,
+    module)``; it is called on every callback right after the new optimizer exists, so parameter
+    selection composes with them.
     """
     old_optimizers = list(trainer.optimizers)
     old_schedules = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
     trainer.strategy.setup_optimizers(trainer)
+    for callback in trainer.callbacks:  # e.g. layer-wise LR decay re-splits the new optimizer's groups
+        hook = getattr(callback, "on_optimizer_rebuilt", None)
+        if callable(hook):
+            hook(trainer, trainer.lightning_module)
     if carry_state:
         for old, new in zip(old_optimizers, trainer.optimizers):
             for group in new.param_groups:

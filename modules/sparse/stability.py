@@ -114,6 +114,10 @@ class FinetuneStabilizer(ParameterMaskCallback):
         if self.layer_lr_decay != 1.0:
             apply_layer_lr_decay(trainer, pl_module, self.layer_lr_decay)
 
+    def on_optimizer_rebuilt(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Another selection callback rebuilt the optimizer (new stage): split its groups by depth again."""
+        self.on_fit_start(trainer, pl_module)
+
 
 def apply_layer_lr_decay(trainer: L.Trainer, module: nn.Module, decay: float) -> None:
     """Split the optimizer's groups by depth (in place) and re-create the LambdaLR over them."""

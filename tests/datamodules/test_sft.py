@@ -116,6 +116,21 @@ def test_shuffling_is_deterministic_per_seed(tiny_data):
     assert train_order(other) != order
 
 
+def test_epoch_order_depends_only_on_seed_and_epoch(tiny_data):
+    """What makes a resume at an epoch boundary replay the same data: a fresh loader at epoch 1 = epoch 1."""
+    first, fresh = tiny_data(max_length=1024), tiny_data(max_length=1024)
+    first.setup("fit")
+    fresh.setup("fit")
+    loader = first.train_dataloader()
+    epoch0 = [i for b in loader for i in b["index"].tolist()]
+    loader.sampler.set_epoch(1)  # what Lightning does before every epoch
+    epoch1 = [i for b in loader for i in b["index"].tolist()]
+    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)
+    resumed = fresh.train_dataloader()
+    resumed.sampler.set_epoch(1)
+    assert [i for b in resumed for i in b["index"].tolist()] == epoch1
+
+
 @pytest.mark.parametrize("task", ["gsm_symbolic", "chain_sum"])
 def test_builtin_task_splits_are_disjoint(tiny_data, task):
     data = tiny_data(dataset=task, num_train=30, num_val=10, num_test=10, max_length=2048)

@@ -167,9 +167,12 @@ def test_smollm2_end_to_end_smoke(tmp_path):
 
     if not (REPO / "zoo" / "harness" / "bench.py").exists():
         pytest.skip("zoo/harness/bench.py does not exist yet: bench smoke skipped (fit + export checked)")
-    out = tmp_path / "bench"
+    out, data = tmp_path / "bench", tmp_path / "small_data.yaml"
+    data.write_text("data:\n  class_path: zoo.datamodules.SFTDataModule\n  init_args:\n    dataset: gsm_symbolic\n"
+                    "    num_train: 16\n    num_val: 4\n    num_test: 4\n    max_length: 256\n    batch_size: 4\n")
     result = subprocess.run(
         [sys.executable, "-m", "zoo", "bench", str(REPO / "configs/sft.yaml"), "--max_steps", "2", "--limit", "4",
-         "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+         "--max_new_tokens", "48", "--data-config", str(data), "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "results.jsonl").exists() and (out / "results.md").exists()

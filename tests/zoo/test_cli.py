@@ -120,7 +120,6 @@ def test_each_run_gets_its_own_run_dir(tmp_path):
     assert len(runs) == 2
     for run in runs:
         assert (run / "config.yaml").exists()
-        assert (run / "metrics.csv").read_text().startswith(("epoch", "step")) or "train/loss" in (
-            run / "metrics.csv").read_text()
+        assert "train/loss" in (run / "metrics.csv").read_text().splitlines()[0]
         assert list((run / "checkpoints").glob("*.ckpt"))
         assert (run / "export" / "model.safetensors").exists() and (run / "export" / "tokenizer.json").exists()

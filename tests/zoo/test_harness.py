@@ -189,3 +189,25 @@ def test_method_name_comes_from_the_registry_else_the_stem(tmp_path):
 
     assert method_name(REPO_ROOT / "configs" / "lora.yaml") == "lora"
     assert method_name(tmp_path / "my-experiment.yaml") == "my-experiment"
+
+
+def test_bench_generation_uses_the_module_hooks(tiny_module):
+    from zoo.harness.generation import generate_for_module
+    from zoo.modules import CausalLMModule
+
+    class TextHook(CausalLMModule):
+        def generate_text(self, prompts, max_new_tokens=256):
+            return [f"text:{p}:{max_new_tokens}" for p in prompts]
+
+    class CompletionHook(CausalLMModule):
+        def generate_completions(self, prompts, max_new_tokens, system_prompt, batch_size):
+            return [f"completions:{p}:{system_prompt}:{batch_size}" for p in prompts]
+
+    prompts = ["a", "b", "c"]
+    assert generate_for_module(tiny_module(cls=TextHook), prompts, max_new_tokens=5, batch_size=2) == [
+        "text:a:5", "text:b:5", "text:c:5"]
+    assert generate_for_module(tiny_module(cls=CompletionHook), prompts, system_prompt="S", batch_size=2) == [
+        "completions:a:S:2", "completions:b:S:2", "completions:c:S:2"]
+    plain = tiny_module()
+    assert generate_for_module(plain, prompts, max_new_tokens=4) == generate(plain.model, plain.tokenizer, prompts,
+                                                                             max_new_tokens=4)

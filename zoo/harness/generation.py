@@ -8,8 +8,9 @@
                   virtual tokens or change the head are measured as they train), and its perplexity.
 
 A module whose generation needs more than ``module.model.generate`` (e.g. a soft prompt that lives
-outside ``module.model``) defines ``generate_completions(prompts, max_new_tokens, system_prompt,
-batch_size) -> list[str]``; :func:`generate_for_module` prefers it.
+outside ``module.model``) overrides ``CausalLMModule.generate_text`` or defines
+``generate_completions(prompts, max_new_tokens, system_prompt, batch_size) -> list[str]``;
+:func:`generate_for_module` (what the bench calls) prefers them.
 """
 
 from __future__ import annotations
@@ -111,10 +112,23 @@ def generate(
 
 def generate_for_module(module: nn.Module, prompts: list[str], max_new_tokens: int = 256,
                         system_prompt: str | None = None, batch_size: int = 16) -> list[str]:
-    """Completions from a zoo module: its own ``generate_completions`` if it has one, else :func:`generate`."""
+    """Completions from a zoo module, through the first of these it provides:
+
+    1. ``module.generate_completions(prompts, max_new_tokens=, system_prompt=, batch_size=)``;
+    2. an overridden ``CausalLMModule.generate_text(prompts, max_new_tokens=)`` (soft prompts, ...),
+       called on chunks of ``batch_size`` (it gets no system prompt);
+    3. :func:`generate` on ``module.model`` and ``module.tokenizer``.
+    """
     own = getattr(module, "generate_completions", None)
     if callable(own):
         return own(prompts, max_new_tokens=max_new_tokens, system_prompt=system_prompt, batch_size=batch_size)
+    from zoo.modules.base import CausalLMModule
+
+    if isinstance(module, CausalLMModule) and type(module).generate_text is not CausalLMModule.generate_text:
+        completions: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            completions += module.generate_text(prompts[start:start + batch_size], max_new_tokens=max_new_tokens)
+        return completions
     return generate(module.model, module.tokenizer, prompts, max_new_tokens=max_new_tokens,
                     system_prompt=system_prompt, batch_size=batch_size)
 

@@ -86,3 +86,16 @@ def test_stability_report_hand_values():
     assert math.isclose(sft["std"], math.sqrt(((0.5 - 1.3 / 3) ** 2 + (0.7 - 1.3 / 3) ** 2 + (0.1 - 1.3 / 3) ** 2) / 2))
     assert report["llrd"] == {"n": 1, "mean": 0.4, "std": 0.0, "min": 0.4, "max": 0.4, "failed": 0}
     assert stability_report(records, "acc", 0.6, higher_is_better=False)["sft"]["failed"] == 1
+
+
+def test_llrd_survives_an_optimizer_rebuild_by_hft(tiny_module, tiny_data, fit_tiny):
+    from zoo.modules.sparse.hft import HalfFineTuningCallback
+
+    module = tiny_module()
+    callbacks = [HalfFineTuningCallback(reselect="epoch"), FinetuneStabilizer(layer_lr_decay=0.5)]
+    trainer = fit_tiny(module, tiny_data(), callbacks=callbacks, max_steps=3, max_epochs=3)
+    assert trainer.current_epoch >= 1 and callbacks[0].stage >= 1  # at least one re-draw and rebuild
+    groups = trainer.optimizers[0].param_groups
+    assert {g["zoo_depth"] for g in groups} == {0, 1, 2, 3}
+    trainable = {id(p) for p in module.trainable_parameters().values()}
+    assert {id(p) for g in groups for p in g["params"]} == trainable

@@ -86,7 +86,17 @@ def test_prefix_enters_every_layer_and_generation_matches_forward(tiny_module):
     mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
     last_padded = module.model(input_ids=padded, attention_mask=mask).logits[0, -1]
     assert torch.allclose(last_padded, with_prefix[0, -1], atol=1e-5)
+    # cache-free greedy decoding continues exactly like repeated full forwards (prefix included)
+    from zoo.datamodules.sft import render_prompt_ids
+
+    prompt = torch.tensor([render_prompt_ids(module.tokenizer, "hi")])
+    expected = prompt
+    for _ in range(3):
+        expected = torch.cat([expected, module.model(input_ids=expected).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    new_ids = expected[0, prompt.shape[1]:].tolist()
+    eos = module.tokenizer.eos_token_id
+    new_ids = new_ids[: new_ids.index(eos)] if eos in new_ids else new_ids
     text = module.generate_completions(["hi"], max_new_tokens=3)
-    assert isinstance(text, list) and len(text) == 1
+    assert text == [module.tokenizer.decode(new_ids, skip_special_tokens=True)]
     with pytest.raises(NotImplementedError):
         module.model.generate(input_ids=ids, max_new_tokens=2)
