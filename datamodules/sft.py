@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -194,6 +195,7 @@ class SFTDataModule(L.LightningDataModule):
         eval_batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -214,7 +216,9 @@ class SFTDataModule(L.LightningDataModule):
             batch_size: training micro-batch size.
             eval_batch_size: validation / test batch size.
             num_workers: DataLoader workers.
-            seed: seed of the built-in generators and of the training shuffle.
+            seed: seed of the built-in generators (fixes the data, and so the held-out split).
+            shuffle_seed: seed of the training order; None = the run's global seed (``seed_everything``),
+                so repeated seeds of a bench vary the order while the data stays fixed.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -305,13 +309,19 @@ class SFTDataModule(L.LightningDataModule):
             self.encoded = {split: self.encode_split(recs, split) for split, recs in self.records.items() if recs}
 
     # ------------------------------------------------------------------ loaders
+    def shuffle_seed(self) -> int:
+        """The training-order seed: ``shuffle_seed``, else the global seed Lightning set, else ``seed``."""
+        if self.hparams.shuffle_seed is not None:
+            return self.hparams.shuffle_seed
+        return int(os.environ.get("PL_GLOBAL_SEED", self.hparams.seed))
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.encoded:
             raise DataError(f"the data source has no {split} split")
         return DataLoader(
             self.encoded[split],
             batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
-            sampler=EpochShuffleSampler(self.encoded[split], self.hparams.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(self.encoded[split], self.shuffle_seed()) if shuffle else None,
             num_workers=self.hparams.num_workers,
             collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
         )

@@ -173,6 +173,7 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model, self.tokenizer = backbone.load(model, dtype=dtype)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
         self.model = self.configure_backbone(self.model)
         if gradient_checkpointing:
             backbone.base_model(self.model).gradient_checkpointing_enable(
@@ -265,8 +266,10 @@ class CausalLMModule(L.LightningModule):
                 "rate, use float32, or check the batch for empty responses"
             )
         supervised = target_mask(batch["labels"]).sum().clamp_min(1)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/kept_fraction", (weights != 0).sum() / supervised)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
+        # one log call: each call costs a device sync of Lightning's result collection
+        self.log_dict({"train/loss": loss.detach(), "train/kept_fraction": (weights != 0).sum() / supervised,
+                       "train/lr": lr}, prog_bar=True)
         self._tokens_in_step = int(batch["attention_mask"].sum())
         return loss
 
@@ -278,9 +281,6 @@ class CausalLMModule(L.LightningModule):
         if elapsed > 0:
             self.log("train/tokens_per_s", self._tokens_in_step / elapsed, prog_bar=True)
         self._step_started = None
-        optimizers = self.trainer.optimizers
-        if optimizers:
-            self.log("train/lr", optimizers[0].param_groups[0]["lr"])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self(batch)

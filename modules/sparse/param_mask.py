@@ -25,6 +25,13 @@ Design (one Callback base class, no change to ``CausalLMModule``):
   optimizer state is restored and breaks there: Lightning issues #6891, #8502; this does not build
   on it.)
 
+Composition: layer-wise LR decay and other optimizer shapers compose (``on_optimizer_rebuilt``);
+two callbacks that both set ``requires_grad`` do not intersect their selections (the later one
+wins), so use one freezing policy per run. Under DDP the selection in ``setup`` happens before the
+model is wrapped; a callback that changes ``requires_grad`` mid-run (HFT ``reselect="epoch"``,
+GreenTrainer) needs ``strategy: ddp_find_unused_parameters_true``. Elementwise masks assume plain
+(unsharded) tensors: LT-SFT's phase 2 is not supported under FSDP2.
+
 Subclasses implement :meth:`initial_selection` (called in ``setup``) and, for multi-stage methods,
 change the selection from a training hook. The callback never defines ``select`` (that name is the
 token-selector protocol of ``CausalLMModule``).

@@ -105,7 +105,8 @@ def train_order(data) -> list[int]:
 
 
 def test_shuffling_is_deterministic_per_seed(tiny_data):
-    first, second, other = tiny_data(max_length=1024), tiny_data(max_length=1024), tiny_data(max_length=1024, seed=5)
+    first, second = tiny_data(max_length=1024, shuffle_seed=0), tiny_data(max_length=1024, shuffle_seed=0)
+    other = tiny_data(max_length=1024, shuffle_seed=5)
     for d in (first, second, other):
         d.setup("fit")
     order = train_order(first)
@@ -114,6 +115,17 @@ def test_shuffling_is_deterministic_per_seed(tiny_data):
     assert train_order(second) == order
     other.encoded = first.encoded  # same rows, different seed
     assert train_order(other) != order
+
+
+def test_default_shuffle_follows_the_global_seed(tiny_data, monkeypatch):
+    """Bench seeds must vary the training order while the data (and the test split) stay fixed."""
+    data = tiny_data(max_length=1024)
+    data.setup("fit")
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    order0 = train_order(data)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    assert train_order(data) != order0
+    assert sorted(train_order(data)) == sorted(order0)
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch(tiny_data):

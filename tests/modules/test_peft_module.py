@@ -79,3 +79,15 @@ def test_peft_config_without_type_is_a_config_error(tiny_module):
 def test_invalid_peft_field_is_a_config_error(tiny_module):
     with pytest.raises(ConfigError, match="invalid peft_config"):
         tiny_module(cls=PeftModule, peft_config={"peft_type": "LORA", "rank_typo": 4})
+
+
+def test_lora_checkpoint_holds_only_the_adapter_and_round_trips(tiny_module, tiny_data, fit_tiny, tmp_path):
+    module = tiny_module(cls=PeftModule, peft_config=LORA)
+    trainer = fit_tiny(module, tiny_data(), max_steps=2)
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    saved = torch.load(tmp_path / "lora.ckpt", weights_only=False)
+    assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])
+    restored = PeftModule.load_from_checkpoint(tmp_path / "lora.ckpt")
+    reference = module.state_dict()
+    assert restored.state_dict().keys() == reference.keys()
+    assert all(torch.equal(v, reference[k]) for k, v in restored.state_dict().items())

@@ -69,3 +69,8 @@ def test_runs_in_a_separate_process_and_temporary_directory():
 def test_run_many_keeps_order():
     results = run_many(["print(1)", "raise SystemExit(3)", "print(3)"], workers=2, timeout=10)
     assert [r.status for r in results] == ["passed", "failed", "passed"] and results[1].returncode == 3
+
+
+def test_output_flood_is_bounded_by_the_file_size_limit():
+    result = run_program("while True:\n    print('x' * 10000)\n", timeout=20, file_mb=1, max_output=100)
+    assert result.status in ("killed", "failed") and len(result.stdout) == 100

@@ -110,3 +110,11 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path, tiny_module, tiny_data):
     for name, p in resumed.named_parameters():
         assert torch.equal(p, full_params[name]), name
         assert p.requires_grad == full_params[name].requires_grad
+
+
+def test_select_embeddings_treats_tied_matrix_as_one_unit():
+    model = four_layer_llama()
+    draws = [hft_selection(model, seed=s, select_embeddings=True) for s in range(12)]
+    picked = ["model.embed_tokens.weight" in d for d in draws]
+    assert any(picked) and not all(picked)  # drawn like a unit, not always trained
+    assert all("lm_head.weight" not in d for d in draws)  # tied: one tensor, one name
