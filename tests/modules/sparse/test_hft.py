@@ -4,6 +4,7 @@ half-reset, and resume mid-run equals an uninterrupted run."""
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -118,3 +119,44 @@ def test_select_embeddings_treats_tied_matrix_as_one_unit():
     picked = ["model.embed_tokens.weight" in d for d in draws]
     assert any(picked) and not all(picked)  # drawn like a unit, not always trained
     assert all("lm_head.weight" not in d for d in draws)  # tied: one tensor, one name
+
+
+def _facts(n: int, seed: int, vocab: int = 200) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randint(0, vocab, (n, 3), generator=g), torch.randint(0, vocab, (n, 1), generator=g)], 1)
+
+
+def _train(model, data, steps, params, lr=3e-3):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=data).logits[:, -2], data[:, -1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _accuracy(model, data) -> float:
+    with torch.no_grad():
+        return (model(input_ids=data).logits[:, -2].argmax(-1) == data[:, -1]).float().mean().item()
+
+
+@pytest.mark.slow
+def test_hft_forgets_less_of_task_a_than_full_finetuning():
+    """Spec check 6 (direction only, 3 seeds): learn key->value facts A, then facts B with FFT vs HFT."""
+    from zoo.backbone import tiny_llama
+
+    kept, learned = {"fft": [], "hft": []}, {"fft": [], "hft": []}
+    for seed in range(3):
+        for mode in ("fft", "hft"):
+            model, _ = tiny_llama(seed=seed, layers=4)
+            task_a, task_b = _facts(64, 100 + seed), _facts(64, 200 + seed)
+            _train(model, task_a, 300, list(model.parameters()))
+            if mode == "hft":
+                chosen = hft_selection(model, seed=seed)
+                for name, p in model.named_parameters():
+                    p.requires_grad_(name in chosen)
+            _train(model, task_b, 150, [p for p in model.parameters() if p.requires_grad])
+            kept[mode].append(_accuracy(model, task_a))
+            learned[mode].append(_accuracy(model, task_b))
+    assert sum(kept["hft"]) > sum(kept["fft"])
+    assert sum(learned["hft"]) / 3 >= sum(learned["fft"]) / 3 - 0.1
