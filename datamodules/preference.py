@@ -47,10 +47,10 @@ from zoo.datamodules.sft import (
     collate,
     encode_example,
     extract_final_answer,
+    fit_length,
     read_hub,
     read_local,
 )
-from zoo.kernels.selected_ce import IGNORE_INDEX
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 _RESULT = re.compile(r"(?<==\s)-?\d+(?:\.\d+)?|(?<==)-?\d+(?:\.\d+)?")
@@ -228,13 +228,7 @@ class PreferenceDataModule(SFTDataModule):
     # ------------------------------------------------------------------ encoding
     def _encode_side(self, prompt: str, response: str) -> dict[str, list[int]] | None:
         row = encode_example(self.tokenizer, prompt, response, self.hparams.system_prompt)
-        limit = self.hparams.max_length
-        if len(row["input_ids"]) <= limit:
-            return row
-        prompt_len = row["labels"].count(IGNORE_INDEX)
-        if self.hparams.overlong == "drop" or prompt_len >= limit - 1:
-            return None
-        return {key: value[:limit] for key, value in row.items()}
+        return fit_length(row, self.hparams.max_length, self.hparams.overlong)
 
     def encode_split(self, records: list[dict[str, Any]], split: str) -> EncodedDataset:
         rows, dropped = [], 0
@@ -258,7 +252,7 @@ class PreferenceDataModule(SFTDataModule):
         return DataLoader(
             self.encoded[split],
             batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
-            sampler=EpochShuffleSampler(self.encoded[split], self.hparams.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(self.encoded[split], self.shuffle_seed()) if shuffle else None,
             num_workers=self.hparams.num_workers,
             collate_fn=functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id),
         )

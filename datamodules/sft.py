@@ -77,6 +77,18 @@ def encode_example(tokenizer, prompt: str, response: str, system_prompt: str | N
     }
 
 
+def fit_length(row: dict[str, list[int]], limit: int, overlong: str) -> dict[str, list[int]] | None:
+    """``row`` if it fits in ``limit`` tokens, else its response tail cut (``truncate``) or None (``drop``).
+
+    A row whose prompt alone leaves no room for a response token is always dropped."""
+    if len(row["input_ids"]) <= limit:
+        return row
+    prompt_len = row["labels"].count(IGNORE_INDEX)
+    if overlong == "drop" or prompt_len >= limit - 1:
+        return None
+    return {key: value[:limit] for key, value in row.items()}
+
+
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row of the batch."""
     width = max(len(r["input_ids"]) for r in rows)
@@ -285,14 +297,12 @@ class SFTDataModule(L.LightningDataModule):
         rows, truncated, dropped = [], 0, 0
         limit = self.hparams.max_length
         for index, record in enumerate(records):
-            row = encode_example(self.tokenizer, record["prompt"], record["response"], self.hparams.system_prompt)
-            if len(row["input_ids"]) > limit:
-                prompt_len = row["labels"].count(IGNORE_INDEX)
-                if self.hparams.overlong == "drop" or prompt_len >= limit - 1:
-                    dropped += 1
-                    continue
-                row = {key: value[:limit] for key, value in row.items()}
-                truncated += 1
+            encoded = encode_example(self.tokenizer, record["prompt"], record["response"], self.hparams.system_prompt)
+            row = fit_length(encoded, limit, self.hparams.overlong)
+            if row is None:
+                dropped += 1
+                continue
+            truncated += row is not encoded
             row["index"] = index
             rows.append(row)
         self.stats[f"{split}_truncated"], self.stats[f"{split}_dropped"] = truncated, dropped
@@ -311,7 +321,7 @@ class SFTDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def shuffle_seed(self) -> int:
         """The training-order seed: ``shuffle_seed``, else the global seed Lightning set, else ``seed``."""
-        if self.hparams.shuffle_seed is not None:
+        if self.hparams.get("shuffle_seed") is not None:
             return self.hparams.shuffle_seed
         return int(os.environ.get("PL_GLOBAL_SEED", self.hparams.seed))
 

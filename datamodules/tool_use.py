@@ -33,6 +33,7 @@ from zoo.datamodules.sft import (
     EncodedDataset,
     SFTDataModule,
     collate,
+    fit_length,
 )
 from zoo.kernels.selected_ce import IGNORE_INDEX
 from zoo.modules.token_level.tl_training import (
@@ -237,14 +238,12 @@ class ToolUseDataModule(SFTDataModule):
             turns = self.turn_filter(record["messages"])
             filtered += sum(m["role"] == "assistant" for m in record["messages"]) - len(turns)
             for context, target in turns:
-                row = encode_turn(self.tokenizer, context, target, record["tools"], self.hparams.system_prompt)
-                if len(row["input_ids"]) > limit:
-                    prompt_len = row["labels"].count(IGNORE_INDEX)
-                    if self.hparams.overlong == "drop" or prompt_len >= limit - 1:
-                        dropped += 1
-                        continue
-                    row = {key: value[:limit] for key, value in row.items()}
-                    truncated += 1
+                encoded = encode_turn(self.tokenizer, context, target, record["tools"], self.hparams.system_prompt)
+                row = fit_length(encoded, limit, self.hparams.overlong)
+                if row is None:
+                    dropped += 1
+                    continue
+                truncated += row is not encoded
                 row["index"] = len(rows)
                 rows.append(row)
         self.stats.update({f"{split}_truncated": truncated, f"{split}_dropped": dropped,
