@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     from zoo.datamodules import SFTDataModule  # noqa: F401  (registers the default classes)
     from zoo.modules import CausalLMModule
 
+    if args is not None:  # in-process use (bench, tests): args and the host's sys.argv differ on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return ZooCLI(
         model_class=CausalLMModule,
         datamodule_class=SFTDataModule,
