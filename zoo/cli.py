@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 from lightning.pytorch import Callback
