@@ -59,6 +59,10 @@ def empty_selection_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, n:
     return hidden.new_zeros(n, dtype=torch.float32) + zero
 
 
+#: Chunks with fewer logits than this (4M floats = 16 MB) are not checkpointed.
+CHECKPOINT_MIN_LOGITS = 1 << 22
+
+
 def _chunk_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None) -> Tensor:
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, labels, reduction="none")
@@ -86,7 +90,10 @@ def selected_linear_cross_entropy_reference(
         stop = start + chunk_size
         args = (kept_hidden[start:stop], weight, kept_labels[start:stop], bias)
         needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        if torch.is_grad_enabled() and needs_grad:
+        # Recompute in backward only where a chunk's logits are big enough to matter (SmolLM2: 200 MB
+        # a chunk); below that the recompute costs more than the memory it saves.
+        large = args[0].shape[0] * weight.shape[0] >= CHECKPOINT_MIN_LOGITS
+        if torch.is_grad_enabled() and needs_grad and large:
             pieces.append(checkpoint(_chunk_loss, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_loss(*args))

@@ -180,6 +180,7 @@ class CausalLMModule(L.LightningModule):
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         self._step_started: float | None = None
+        self._tokens_per_s: float | None = None
 
     # ------------------------------------------------------------------ hooks for subclasses
     def configure_backbone(self, model: nn.Module) -> nn.Module:
@@ -256,7 +257,6 @@ class CausalLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        self._step_started = self._step_started or time.perf_counter()
         outputs = self(batch)
         weights = self.token_weights(batch, outputs)
         loss = self.compute_loss(batch, outputs, weights)
@@ -266,20 +266,20 @@ class CausalLMModule(L.LightningModule):
                 "rate, use float32, or check the batch for empty responses"
             )
         supervised = target_mask(batch["labels"]).sum().clamp_min(1)
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
-        # one log call: each call costs a device sync of Lightning's result collection
-        self.log_dict({"train/loss": loss.detach(), "train/kept_fraction": (weights != 0).sum() / supervised,
-                       "train/lr": lr}, prog_bar=True)
-        self._tokens_in_step = int(batch["attention_mask"].sum())
+        metrics = {"train/loss": loss.detach(), "train/kept_fraction": (weights != 0).sum() / supervised,
+                   "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0}
+        if self._tokens_per_s is not None:  # throughput of the previous step (forward + backward + update)
+            metrics["train/tokens_per_s"] = self._tokens_per_s
+        self.log_dict(metrics, prog_bar=True)  # one call: each costs a sync of Lightning's result collection
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
-        if elapsed > 0:
-            self.log("train/tokens_per_s", self._tokens_in_step / elapsed, prog_bar=True)
+        if self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            self._tokens_per_s = float(batch["attention_mask"].sum()) / max(elapsed, 1e-9)
         self._step_started = None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -230,7 +230,8 @@ class RowsThroughHead(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
-def test_head_sees_only_kept_rows_in_chunks(path):
+def test_head_sees_only_kept_rows_in_chunks(path, monkeypatch):
+    monkeypatch.setattr(selected_ce, "CHECKPOINT_MIN_LOGITS", 0)  # checkpoint every chunk, however small
     hidden, weight, bias, labels, token_weights, upstream = make_problem()
     kept = int(((token_weights != 0) & (labels != IGNORE_INDEX)).sum())
     h, w = hidden.requires_grad_(), weight.requires_grad_()
@@ -240,6 +241,17 @@ def test_head_sees_only_kept_rows_in_chunks(path):
         (loss * upstream).sum().backward()
     assert sum(forward_mode.rows) == kept < N and max(forward_mode.rows) <= 7
     assert sum(backward_mode.rows) == kept and max(backward_mode.rows) <= 7  # recomputed, chunk by chunk
+
+
+def test_reference_skips_the_recompute_for_small_chunks():
+    """Below CHECKPOINT_MIN_LOGITS the reference keeps its logits: backward does not rerun the head."""
+    hidden, weight, bias, labels, token_weights, upstream = make_problem()
+    assert hidden.shape[0] * weight.shape[0] < selected_ce.CHECKPOINT_MIN_LOGITS
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    loss = selected_linear_cross_entropy_reference(h, w, labels, token_weights, bias=bias)
+    with RowsThroughHead(V) as backward_mode:
+        (loss * upstream).sum().backward()
+    assert backward_mode.rows == []
 
 
 def test_dispatcher_uses_reference_on_cpu_and_triton_registers_itself(monkeypatch):
