@@ -282,21 +282,32 @@ class CausalLMModule(L.LightningModule):
             self._tokens_per_s = float(batch["attention_mask"].sum()) / max(elapsed, 1e-9)
         self._step_started = None
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def evaluation_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        """Held-out response NLL (token mean), logged as ``{stage}/loss``; ``stage`` is val or test."""
         outputs = self(batch)
         weights = target_mask(batch["labels"]).float()
         per_token = self.weighted_token_loss(outputs, weights)
         count = weights.sum()
         loss = per_token.sum() / count.clamp_min(1.0)
-        self.log("val/loss", loss, prog_bar=True, batch_size=int(count.item()), sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=int(count.item()), sync_dist=True)
         return loss
 
-    def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.evaluation_step(batch, "val")
 
-    test_step = validation_step
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.evaluation_step(batch, "test")
+
+    def _log_perplexity(self, stage: str) -> None:
+        loss = self.trainer.callback_metrics.get(f"{stage}/loss")
+        if loss is not None:
+            self.log(f"{stage}/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
 
     def generate_text(self, prompts: list[str], max_new_tokens: int = 256) -> list[str]:
         """Greedy completions of chat-rendered ``prompts``: the harness's single entry point.

@@ -7,6 +7,7 @@ after fit, ``export/`` (an HF model or peft adapter with tokenizer).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from zoo.errors import ZooError
@@ -57,6 +59,22 @@ class FinalCheckpoint(Callback):
         trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
 
+class PredictionsWriter(BasePredictionWriter):
+    """``zoo predict``: append each prompt and its completion to ``<run dir>/predictions.jsonl``."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        path = Path(trainer.default_root_dir) / ("predictions.jsonl" if trainer.world_size == 1
+                                                 else f"predictions.rank{trainer.global_rank}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            for prompt, completion in zip(batch.get("prompt_text", []), prediction):
+                handle.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
 def run_directory(config_files: list) -> str:
     """``runs/<name>/<timestamp>``, shared by all ranks of one launch through ``ZOO_RUN_DIR``."""
     if os.environ.get("ZOO_RUN_DIR"):
@@ -84,7 +102,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [FinalCheckpoint()]},
+        trainer_defaults={"callbacks": [FinalCheckpoint(), PredictionsWriter()]},
         parser_kwargs={"prog": "zoo", "parser_mode": "omegaconf"} if _has_omegaconf() else {"prog": "zoo"},
         args=args,
         run=run,

@@ -132,7 +132,7 @@ class DPOModule(CausalLMModule):
         weights = target_mask(batch["labels"]).float()
         return self.hparams.beta * self.token_logratios(batch, self(batch), weights).sum(dim=1)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def evaluation_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         self._check_pairs(batch)
         outputs = self(batch)
         weights = target_mask(batch["labels"]).float()
@@ -142,12 +142,10 @@ class DPOModule(CausalLMModule):
         loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, self.hparams.beta)
         chosen_tokens = split_pairs(weights)[0].sum()
         nll = -split_pairs(policy)[0].sum() / chosen_tokens.clamp_min(1.0)
-        self.log("val/loss", nll, prog_bar=True, batch_size=int(chosen_tokens.item()), sync_dist=True)
-        self.log("val/dpo_loss", loss, batch_size=chosen.numel(), sync_dist=True)
-        self._log_rewards("val", chosen_reward, rejected_reward)
+        self.log(f"{stage}/loss", nll, prog_bar=True, batch_size=int(chosen_tokens.item()), sync_dist=True)
+        self.log(f"{stage}/dpo_loss", loss, batch_size=chosen.numel(), sync_dist=True)
+        self._log_rewards(stage, chosen_reward, rejected_reward)
         return loss
-
-    test_step = validation_step
 
 
 register(

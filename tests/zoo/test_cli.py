@@ -123,3 +123,17 @@ def test_each_run_gets_its_own_run_dir(tmp_path):
         assert "train/loss" in (run / "metrics.csv").read_text().splitlines()[0]
         assert list((run / "checkpoints").glob("*.ckpt"))
         assert (run / "export" / "model.safetensors").exists() and (run / "export" / "tokenizer.json").exists()
+
+
+def test_validate_test_and_predict_subcommands(tmp_path):
+    """test logs test/loss and test/ppl (not val/...); predict writes one completion per prompt."""
+    common = ["--config", TINY, *QUIET]
+    assert main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "t")]) == 0
+    header = (tmp_path / "t" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "test/loss" in header and "test/ppl" in header and "val/loss" not in header
+    assert main(["validate", *common, "--trainer.default_root_dir", str(tmp_path / "v")]) == 0
+    assert "val/loss" in (tmp_path / "v" / "metrics.csv").read_text().splitlines()[0]
+    assert main(["predict", *common, "--trainer.default_root_dir", str(tmp_path / "p"),
+                 "--trainer.limit_predict_batches", "1", "--data.init_args.eval_batch_size", "2"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["completion"], str) and r["prompt"] for r in rows)
