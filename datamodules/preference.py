@@ -282,25 +282,26 @@ def preference_metrics(module, loader) -> dict[str, float]:
     ``beta * (log pi - log pi_ref)`` summed over the response), else its summed response log-prob
     (an SFT model: ``log p(chosen) - log p(rejected)``). ``reward_accuracy`` is the fraction of pairs
     with a strictly larger chosen reward; ``reward_margin`` the mean chosen - rejected reward.
+    ``logp_accuracy`` / ``logp_margin`` are the same on the policy's own summed log-probs, comparable
+    across every module (for a module without ``sequence_rewards`` they equal the reward ones).
     """
     from zoo.modules.base import target_mask
 
     was_training = module.training
     module.eval()
-    correct, margins = [], []
+    reward_diffs, logp_diffs = [], []
     try:
         for batch in loader:
             batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            if hasattr(module, "sequence_rewards"):
-                rewards = module.sequence_rewards(batch)
-            else:
-                outputs = module(batch)
-                rewards = -module.weighted_token_loss(outputs, target_mask(batch["labels"]).float()).sum(1)
-            chosen, rejected = split_pairs(rewards.float())
-            correct.append((chosen > rejected).float())
-            margins.append(chosen - rejected)
+            outputs = module(batch)
+            logps = -module.weighted_token_loss(outputs, target_mask(batch["labels"]).float()).sum(1)
+            rewards = module.sequence_rewards(batch) if hasattr(module, "sequence_rewards") else logps
+            for diffs, values in ((reward_diffs, rewards), (logp_diffs, logps)):
+                chosen, rejected = split_pairs(values.float())
+                diffs.append(chosen - rejected)
     finally:
         module.train(was_training)
-    correct_t, margin_t = torch.cat(correct), torch.cat(margins)
-    return {"reward_accuracy": float(correct_t.mean()), "reward_margin": float(margin_t.mean()),
-            "pairs": float(correct_t.numel())}
+    reward_t, logp_t = torch.cat(reward_diffs), torch.cat(logp_diffs)
+    return {"reward_accuracy": float((reward_t > 0).float().mean()), "reward_margin": float(reward_t.mean()),
+            "logp_accuracy": float((logp_t > 0).float().mean()), "logp_margin": float(logp_t.mean()),
+            "pairs": float(reward_t.numel())}

@@ -118,3 +118,5 @@ def test_preference_metrics_of_an_sft_model_match_naive_log_probs(builtin, tiny_
     assert metrics["reward_accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
     assert metrics["reward_margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-4)
     assert preference_metrics(module, [batch]) == metrics
+    # a module without its own reward: the reward IS the log-prob margin
+    assert (metrics["logp_accuracy"], metrics["logp_margin"]) == (metrics["reward_accuracy"], metrics["reward_margin"])

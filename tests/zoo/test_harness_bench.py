@@ -87,3 +87,31 @@ def test_data_overrides_keep_only_data_options_with_their_values():
     given = ["--trainer.max_epochs", "3", "--data.init_args.num_test", "4", "--data.init_args.seed=2",
              "--trainer.enable_progress_bar=false", "--data", "x.yaml"]
     assert data_overrides(given) == ["--data.init_args.num_test", "4", "--data.init_args.seed=2", "--data", "x.yaml"]
+
+
+def test_peak_rss_is_reset_between_runs():
+    from zoo.harness import bench
+
+    ballast = bytearray(256 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page so it is resident
+    high = bench.peak_rss_mb()
+    del ballast
+    if not bench.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    assert bench.peak_rss_mb() < high - 200
+
+
+def test_bench_reports_preference_metrics_on_pair_data(tmp_path):
+    argv = ["bench", TINY, "--max_steps", "1", "--limit", "2", "--max_new_tokens", "4", "--out", str(tmp_path),
+            "--", "--data", "zoo.datamodules.preference.PreferenceDataModule", "--data.init_args.dataset", "chain_sum",
+            "--data.init_args.num_train", "8", "--data.init_args.num_val", "2", "--data.init_args.num_test", "4",
+            "--data.init_args.batch_size", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+    assert zoo_main(argv) == 0
+    records = read(tmp_path / "results.jsonl")
+    assert [r["method"] for r in records] == ["base", "tiny"]
+    for record in records:
+        metrics = record["metrics"]
+        assert 0 < metrics["pairs"] <= 4 and 0.0 <= metrics["reward_accuracy"] <= 1.0  # rows that cannot be perturbed drop
+        assert metrics["logp_accuracy"] == metrics["reward_accuracy"]  # plain SFT modules: reward = log-prob
+    assert "reward_accuracy" in (tmp_path / "results.md").read_text()

@@ -17,8 +17,10 @@ response NLL / perplexity over the whole test split. The untuned backbone is eva
 ``results.md``     mean +- std over seeds, one row per method (and backbone, budget).
 ``results.png``    the main metric and the NLL per method with std error bars.
 
-Peak memory is the process peak RSS so far (``getrusage``; monotone across the runs of one bench
-process) and, on CUDA, ``torch.cuda.max_memory_allocated`` of the training run.
+Peak memory is the process peak RSS of each run, training and evaluation (Linux: ``VmHWM``, reset before
+every run; elsewhere ``getrusage``, monotone across the runs of one bench process) and, on CUDA,
+``torch.cuda.max_memory_allocated`` of the training run. Data sets with preference pairs also report
+reward / log-prob accuracy and margin on held-out pairs (``preference_metrics``).
 """
 
 from __future__ import annotations
@@ -167,8 +169,24 @@ def environment() -> dict[str, Any]:
     return {"versions": versions, "git_commit": commit}
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux ``VmHWM`` via ``/proc/self/clear_refs``); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MB (ru_maxrss is KB on Linux, bytes on macOS)."""
+    """Peak resident memory, MB: since the last :func:`reset_peak_rss` on Linux (``VmHWM``), else since start
+    (``ru_maxrss``, KB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -271,6 +289,8 @@ def evaluate(module, datamodule, args: argparse.Namespace, completions_path: Pat
     main_metric = next(iter(metrics), None)
     nll = response_nll(module, datamodule, "test")
     metrics.update(nll=nll["nll"], ppl=nll["ppl"], nll_tokens=nll["tokens"])
+    if hasattr(datamodule, "preference_metrics"):  # held-out pairs: reward and log-prob accuracy / margin
+        metrics.update(datamodule.preference_metrics(module, split="test"))
     if completions_path is not None:
         completions_path.parent.mkdir(parents=True, exist_ok=True)
         with completions_path.open("w", encoding="utf-8") as handle:
@@ -293,6 +313,8 @@ def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: 
     if record_key(record) in done:
         return
     log(f"base ({name}): evaluating the untuned backbone ...")
+    gc.collect()
+    reset_peak_rss()
     module = CausalLMModule(model=name, export=False)
     result = evaluate(module, cli.datamodule, args, out / "runs" / f"base-{record['config_hash']}" / "completions.jsonl")
     _, total = count_parameters(module)
@@ -332,6 +354,8 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
         log(f"{position} {method} seed {seed}: training {trainer.max_steps} steps ...")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        reset_peak_rss()
         started = time.perf_counter()
         trainer.fit(module, datamodule=cli.datamodule)
         wall = time.perf_counter() - started
@@ -450,6 +474,8 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, overrides: list[str
         log(f"{name}: already in {results.name}, skipped")
         return
     log(f"{name}: loading {export} ...")
+    gc.collect()
+    reset_peak_rss()
     module, backbone_name = load_checkpoint_module(export, run_config, args.model)
     result = evaluate(module, datamodule, args, out / "runs" / f"{name.replace(':', '-')}" / "completions.jsonl")
     trainable = sum(p.numel() for n, p in module.named_parameters() if "lora_" in n or "modules_to_save" in n) \
@@ -510,8 +536,13 @@ def _cell(row: dict[str, Any], key: str | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}"
 
 
+EXTRA_COLUMNS = ("reward_accuracy", "reward_margin", "logp_accuracy", "logp_margin")
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     mains = sorted({r["main_metric"] for r in rows if r["main_metric"]})
+    extras = [key for key in EXTRA_COLUMNS if key not in mains and any(key in r["stats"] for r in rows)]
+    mains = mains + extras
     header = ["method", "backbone", "steps", "seeds", *mains, "nll", "ppl", "train s", "tokens/s",
               "peak RSS MB", "trainable params"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -58,6 +58,7 @@ def test_training_raises_margin_and_keeps_reference_frozen(tiny_module, pref_dat
     fit_tiny(module, pref_data, max_steps=20)
     after = pref_data.preference_metrics(module, split="train")
     assert before["reward_margin"] == 0.0 and after["reward_margin"] > 0.0
+    assert before["logp_margin"] != 0.0  # policy = reference: implicit reward 0, its own log-probs still differ
     assert after["reward_accuracy"] > 0.5
     assert all(torch.equal(reference[k], v) for k, v in module.reference_model.state_dict().items())
 
