@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,13 @@ def test_bench_reports_preference_metrics_on_pair_data(tmp_path):
         assert 0 < metrics["pairs"] <= 4 and 0.0 <= metrics["reward_accuracy"] <= 1.0  # rows that cannot be perturbed drop
         assert metrics["logp_accuracy"] == metrics["reward_accuracy"]  # plain SFT modules: reward = log-prob
     assert "reward_accuracy" in (tmp_path / "results.md").read_text()
+
+
+def test_a_failing_config_does_not_stop_the_sweep(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(Path(TINY).read_text().replace("lr: 1.0e-3", "lr: 1.0e-3\n    no_such_option: 1"))
+    argv = ["bench", str(broken), TINY, "--max_steps", "1", "--limit", "1", "--max_new_tokens", "2", "--no-base",
+            "--out", str(tmp_path / "out"), *SMALL_DATA]
+    assert zoo_main(argv) == 1
+    assert [r["method"] for r in read(tmp_path / "out" / "results.jsonl")] == ["tiny"]  # the good run still ran
+    assert "1 of 2 runs failed" in capsys.readouterr().err

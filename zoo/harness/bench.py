@@ -609,12 +609,23 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.ckpt:
         evaluate_checkpoint(path, args, overrides, out, done, results)
     jobs = [(config, seed) for config in configs for seed in args.seed_list]
+    failed: list[str] = []
     for number, (config, seed) in enumerate(jobs, start=1):
-        train_and_evaluate(config, seed, args, overrides, out, done, results, f"{number}/{len(jobs)}")
+        try:
+            train_and_evaluate(config, seed, args, overrides, out, done, results, f"{number}/{len(jobs)}")
+        except Exception as err:  # one broken run must not cost the rest of a sweep
+            if len(jobs) == 1:
+                raise
+            log(f"{number}/{len(jobs)} {config} seed {seed}: FAILED ({type(err).__name__}: {err}); "
+                "going on with the next run")
+            failed.append(f"{config} (seed {seed})")
+            gc.collect()
     rows = write_report(results, out)
     log(f"{len(rows)} rows -> {out / 'results.md'}, {out / 'results.png'}, {results}")
     if rows:
         print(markdown(rows))
+    if failed:
+        raise BenchError(f"{len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}; the others are in {results}")
     return 0
 
 
