@@ -303,7 +303,10 @@ class GreenTrainerCallback(ParameterMaskCallback):
             return
         lr = self.probe_lr or float(getattr(pl_module.hparams, "lr", 2e-5))
         chosen = plan(pl_module, batch, self.rho, lr, self.units)
-        chosen = trainer.strategy.broadcast(chosen, src=0)  # every DDP rank trains rank 0's selection
+        # The probe ran on this rank's own batch, so under DDP the ranks can pick different tensors (seen on
+        # 2 processes: the selections differ from the first step); DDP would then average gradients of different
+        # parameter sets. Every rank trains rank 0's selection.
+        chosen = trainer.strategy.broadcast(chosen, src=0)
         self.selected_epoch = epoch
         self.stage += 1
         self.apply_selection(pl_module, Selection(trainable=chosen["trainable"]))

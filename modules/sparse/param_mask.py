@@ -29,8 +29,12 @@ Composition: layer-wise LR decay and other optimizer shapers compose (``on_optim
 two callbacks that both set ``requires_grad`` do not intersect their selections (the later one
 wins), so use one freezing policy per run. Under DDP the selection in ``setup`` happens before the
 model is wrapped; a callback that changes ``requires_grad`` mid-run (HFT ``reselect="epoch"``,
-GreenTrainer) needs ``strategy: ddp_find_unused_parameters_true``. Elementwise masks assume plain
-(unsharded) tensors: LT-SFT's phase 2 is not supported under FSDP2.
+GreenTrainer) needs ``strategy: ddp_find_unused_parameters_true``. Every rank must compute the same
+selection (seeded draws, or from the weights DDP keeps identical; a choice made from the rank's own
+batch is broadcast from rank 0). DDP's all-reduce only covers the tensors that required grad when it
+wrapped the model, so a tensor unfrozen later has its gradient averaged here, in
+``on_before_optimizer_step``. Elementwise masks assume plain (unsharded) tensors: LT-SFT's phase 2
+is not supported under FSDP2.
 
 Subclasses implement :meth:`initial_selection` (called in ``setup``) and, for multi-stage methods,
 change the selection from a training hook. The callback never defines ``select`` (that name is the
@@ -108,6 +112,7 @@ class ParameterMaskCallback(L.Callback):
         self.anchors: dict[str, Tensor] = {}
         self.ever_trained: set[str] = set()
         self._module: nn.Module | None = None
+        self._ddp_synced: set[int] | None = None  # ids of the tensors DDP's all-reduce covers (None: not DDP)
 
     # ------------------------------------------------------------------ for subclasses
     def initial_selection(self, module: L.LightningModule) -> Selection:
@@ -147,6 +152,34 @@ class ParameterMaskCallback(L.Callback):
                 grad.mul_(mask.to(grad.dtype))
 
     @torch.no_grad()
+    def average_unsynced_gradients(self, trainer: L.Trainer, module: nn.Module) -> None:
+        """Under DDP, average over ranks the gradients of trainable tensors outside DDP's all-reduce.
+
+        Those are the tensors a later stage unfroze. Without this each rank would step them with its
+        own local gradient and the ranks' weights would drift apart (seen with HFT ``reselect="epoch"``
+        on 2 processes). One coalesced all-reduce; a tensor without a gradient on a rank counts as zero
+        there (as in DDP), and stays ``None`` if no rank has one. Relies on every rank holding the same
+        selection, so the collective matches on all ranks."""
+        if self._ddp_synced is None:
+            return
+        params = [p for p in named_trainable_candidates(module).values()
+                  if p.requires_grad and id(p) not in self._ddp_synced]
+        if not params:
+            return
+        pieces = [torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().flatten().float()
+                  for p in params]
+        present = torch.tensor([float(p.grad is not None) for p in params], device=pieces[0].device)
+        flat = trainer.strategy.reduce(torch.cat([*pieces, present]), reduce_op="mean")
+        start = 0
+        for p, has_grad in zip(params, flat[-len(params):].tolist()):
+            piece = flat[start:start + p.numel()].view_as(p)
+            start += p.numel()
+            if p.grad is not None:
+                p.grad.copy_(piece)
+            elif has_grad > 0:
+                p.grad = piece.to(p.dtype).clone()
+
+    @torch.no_grad()
     def restore_masked_entries(self, module: nn.Module) -> None:
         params = named_trainable_candidates(module)
         for name, mask in self.masks.items():
@@ -159,7 +192,14 @@ class ParameterMaskCallback(L.Callback):
         if stage == "fit":
             self.apply_selection(pl_module, self.initial_selection(pl_module))
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # DDP wrapped the model after ``setup`` (and after a resume restored the selection) and chose its
+        # all-reduce set then: the tensors requiring grad at that moment, i.e. those now.
+        ddp = isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel)
+        self._ddp_synced = {id(p) for p in pl_module.parameters() if p.requires_grad} if ddp else None
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.average_unsynced_gradients(trainer, pl_module)
         self.mask_gradients(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
