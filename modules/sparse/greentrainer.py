@@ -269,11 +269,11 @@ def measure_backward_time(module: nn.Module, batch: dict[str, Tensor], trainable
 
 
 def greentrainer_report(module: nn.Module, batch: dict[str, Tensor], rhos: tuple[float, ...] = (1.0, 0.7, 0.5, 0.3),
-                        lr: float = 2e-5, repeats: int = 5) -> list[dict[str, float]]:
+                        lr: float = 2e-5, repeats: int = 5, units: int = 1000) -> list[dict[str, float]]:
     """Per ρ: predicted training-FLOPs saving, trainable tensors, measured backward seconds (CPU/GPU as given)."""
     rows = []
     for rho in rhos:
-        chosen = plan(module, batch, rho, lr)
+        chosen = plan(module, batch, rho, lr, units)
         rows.append({"rho": rho, "predicted_saving": chosen["predicted_saving"],
                      "trainable_tensors": len(chosen["trainable"]),
                      "backward_s": measure_backward_time(module, batch, chosen["trainable"], repeats)})
@@ -324,6 +324,41 @@ class GreenTrainerCallback(ParameterMaskCallback):
         self.report = dict(state.get("report", {}))
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Print the predicted FLOPs saving and the measured backward time per ρ on one training batch.
+
+        python -m zoo.modules.sparse.greentrainer --model smollm2-135m --batch-size 2
+    """
+    import argparse
+
+    from zoo.datamodules import SFTDataModule
+    from zoo.modules.base import CausalLMModule
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dataset", default="gsm_symbolic")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--length", type=int, default=384, help="max_length of the batch's rows (longer rows are dropped)")
+    parser.add_argument("--rhos", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    parser.add_argument("--units", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    module = CausalLMModule(model=args.model, export=False)
+    data = SFTDataModule(tokenizer=args.model, dataset=args.dataset, num_train=4 * args.batch_size, num_val=0,
+                         num_test=0, max_length=args.length, batch_size=args.batch_size)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    rows = greentrainer_report(module, batch, tuple(args.rhos), repeats=args.repeats, units=args.units)
+    print(f"GreenTrainer on {args.model}, one {args.dataset} batch {tuple(batch['input_ids'].shape)}, "
+          f"{args.units} cost units\n")
+    print("| rho | predicted FLOPs saving | trainable tensors | backward s | vs rho 1 |\n|---|---|---|---|---|")
+    full = rows[0]["backward_s"] if rows and rows[0]["rho"] == 1.0 else None
+    for row in rows:
+        ratio = f"{row['backward_s'] / full:.2f}x" if full else "-"
+        print(f"| {row['rho']:.1f} | {row['predicted_saving']:.1%} | {row['trainable_tensors']} | "
+              f"{row['backward_s']:.3f} | {ratio} |")
+
+
 register(
     name="greentrainer",
     kind="callback",
@@ -333,3 +368,7 @@ register(
     target="zoo.modules.sparse.greentrainer:GreenTrainerCallback",
     scope="cost model, side-effect-free probe, DP, callback; FLOPs modelled not measured",
 )
+
+
+if __name__ == "__main__":
+    main()
