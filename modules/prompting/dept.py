@@ -42,12 +42,17 @@ class LowRankEmbeddingOffset(nn.Module):
         """(s, d) the full scaled offset ``c * A B``."""
         return self.scaling * (self.A @ self.B)
 
-    def forward(self, positions: Tensor) -> Tensor:
-        """(B, T, d) offsets for (B, T) token positions; positions >= s raise."""
+    def forward(self, positions: Tensor, beyond: str = "raise") -> Tensor:
+        """(B, T, d) offsets for (B, T) token positions. Positions >= s raise (``beyond="raise"``, training:
+        the data is longer than the offset) or get a zero offset (``beyond="zero"``: tokens generated past
+        the trained range, which no training row ever reached)."""
         limit = self.A.shape[0]
         if positions.numel() and int(positions.max()) >= limit:
-            raise ConfigError(f"DePT: a token at position {int(positions.max())} but the offset covers only "
-                              f"max_seq_length={limit} positions; raise max_seq_length to the data's max_length")
+            if beyond == "raise":
+                raise ConfigError(f"DePT: a token at position {int(positions.max())} but the offset covers only "
+                                  f"max_seq_length={limit} positions; raise max_seq_length to the data's max_length")
+            inside = positions < limit
+            return self.scaling * (self.A[positions.clamp_max(limit - 1)] @ self.B) * inside[..., None]
         return self.scaling * (self.A[positions] @ self.B)
 
 
@@ -96,7 +101,7 @@ class DePTModule(SoftPromptModule):
         if self._dept_args["strict_length"] and self.training and embeds.shape[1] != self._dept_args["max_seq_length"]:
             raise ConfigError(f"DePT strict_length: batch has {embeds.shape[1]} columns, expected exactly "
                               f"max_seq_length={self._dept_args['max_seq_length']}; pad the data to that length")
-        return embeds + self.offset(positions).to(embeds.dtype)
+        return embeds + self.offset(positions, beyond="raise" if self.training else "zero").to(embeds.dtype)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"prompt": [...], "lowrank": [...]}: the two learning-rate groups."""

@@ -69,6 +69,7 @@ def test_frozen_backbone_and_trainable_count(tiny_module, tiny_data, fit_tiny):
 
 def test_length_checks(tiny_module, make_batch):
     short = tiny_module(cls=DePTModule, num_virtual_tokens=2, rank=2, max_seq_length=8)
+    short.train()
     with pytest.raises(ConfigError, match="max_seq_length"):
         short(make_batch(length=12))
     strict = tiny_module(cls=DePTModule, num_virtual_tokens=2, rank=2, max_seq_length=16, strict_length=True)
@@ -98,3 +99,18 @@ def test_cached_generation_matches_uncached_with_offset(tiny_module):
     b, sb = dept.generate(ids, mask, 5, use_cache=False, eos_token_id=-1, output_scores=True)
     assert a.tolist() == b.tolist()
     torch.testing.assert_close(sa, sb, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_past_max_seq_length_gets_zero_offset(tiny_module):
+    """Evaluation may generate past s: those positions get no offset (no training row reached them)."""
+    dept = tiny_module(cls=DePTModule, num_virtual_tokens=2, rank=2, max_seq_length=8)
+    with torch.no_grad():
+        dept.offset.B.normal_(std=0.5)
+    positions = torch.arange(12)[None]
+    offsets = dept.offset(positions, beyond="zero")
+    torch.testing.assert_close(offsets[:, :8], dept.offset(positions[:, :8]))
+    assert torch.count_nonzero(offsets[:, :8]) > 0 and torch.count_nonzero(offsets[:, 8:]) == 0
+    dept.eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    out = dept.generate(ids, torch.ones_like(ids), 6, use_cache=True, eos_token_id=-1)
+    assert out.shape[-1] >= 6  # reached position 6 + 6 > 8 without raising
