@@ -145,7 +145,16 @@ def packed_ids(tokenizer, length: int, rows: int, seed: int) -> torch.Tensor:
     return torch.tensor([r["input_ids"] for r in packed])
 
 
-def finetune_ppl(args, setting: dict | None, device: torch.device) -> float:
+def eval_ppl(model, rows: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [float(lm_loss(model, rows[i : i + 1])) for i in range(rows.shape[0])]
+    return math.exp(sum(losses) / len(losses))
+
+
+def finetune_ppl(args, setting: dict | None, device: torch.device) -> dict[str, float]:
+    """Fine-tune a fresh copy under ``setting``; held-out ppl evaluated dense (the paper's protocol) and,
+    for LeMo, also with elimination still on, plus the mean training loss of the last 10 steps."""
     model, tokenizer = load(args)
     model.to(device).train()
     strategy = None
@@ -156,17 +165,26 @@ def finetune_ppl(args, setting: dict | None, device: torch.device) -> float:
     test = packed_ids(tokenizer, args.ppl_length, 4, seed=2).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95))
     torch.manual_seed(0)
+    losses = []
     for step in range(args.ppl_steps):
+        model.train()
         loss = lm_loss(model, train[step : step + 1])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(float(loss.detach()))
+    result = {"train_loss": sum(losses[-10:]) / len(losses[-10:])}
     if strategy is not None:
+        strategy.context.eval_sparse = True  # wrappers are dense in eval mode unless asked
+        result["sparse_ppl"] = eval_ppl(model, test)
         strategy.remove(model)  # evaluate the fine-tuned model dense
-    model.eval()
-    with torch.no_grad():
-        losses = [float(lm_loss(model, test[i : i + 1])) for i in range(test.shape[0])]
-    return math.exp(sum(losses) / len(losses))
+    result["ppl"] = eval_ppl(model, test)
+    return result
+
+
+def untuned_ppl(args, device: torch.device) -> float:
+    model, tokenizer = load(args)
+    return eval_ppl(model.to(device), packed_ids(tokenizer, args.ppl_length, 4, seed=2).to(device))
 
 
 def load(args):
@@ -216,15 +234,20 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(line)
             print(line, flush=True)
     if args.ppl_steps > 0:
+        before = untuned_ppl(args, device)
         extra = ["", f"Perplexity after {args.ppl_steps} steps x 1 x {args.ppl_length} tokens (chain_sum, lr "
-                 f"{args.lr}), evaluated dense on 4 held-out packed rows:", "",
-                 "| setting | eval ppl | vs dense |", "|---|---|---|"]
+                 f"{args.lr}) on 4 held-out packed rows; untuned model: {before:.3f}. `eval ppl` is the fine-tuned "
+                 "model evaluated dense (the paper's protocol), `sparse-eval ppl` the same model with elimination "
+                 "still on, `train loss` the mean of the last 10 steps:", "",
+                 "| setting | eval ppl | vs dense | sparse-eval ppl | train loss |", "|---|---|---|---|---|"]
         print("\n".join(extra), flush=True)
         base = None
         for label in args.settings:
-            ppl = finetune_ppl(args, SETTINGS[label], device)
-            base = base or ppl
-            extra.append(f"| {label} | {ppl:.3f} | {ppl / base - 1:+.1%} |")
+            result = finetune_ppl(args, SETTINGS[label], device)
+            base = base or result["ppl"]
+            sparse = f"{result['sparse_ppl']:.3f}" if "sparse_ppl" in result else "-"
+            extra.append(f"| {label} | {result['ppl']:.3f} | {result['ppl'] / base - 1:+.1%} | {sparse} | "
+                         f"{result['train_loss']:.3f} |")
             print(extra[-1], flush=True)
         lines += extra
     table = "\n".join(lines) + "\n"
