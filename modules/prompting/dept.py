@@ -101,7 +101,8 @@ class DePTModule(SoftPromptModule):
         if self._dept_args["strict_length"] and self.training and embeds.shape[1] != self._dept_args["max_seq_length"]:
             raise ConfigError(f"DePT strict_length: batch has {embeds.shape[1]} columns, expected exactly "
                               f"max_seq_length={self._dept_args['max_seq_length']}; pad the data to that length")
-        return embeds + self.offset(positions, beyond="raise" if self.training else "zero").to(embeds.dtype)
+        training = self.training and torch.is_grad_enabled()
+        return embeds + self.offset(positions, beyond="raise" if training else "zero").to(embeds.dtype)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"prompt": [...], "lowrank": [...]}: the two learning-rate groups."""

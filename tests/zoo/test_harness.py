@@ -211,3 +211,17 @@ def test_bench_generation_uses_the_module_hooks(tiny_module):
     plain = tiny_module()
     assert generate_for_module(plain, prompts, max_new_tokens=4) == generate(plain.model, plain.tokenizer, prompts,
                                                                              max_new_tokens=4)
+
+
+def test_bench_generation_runs_hooks_in_eval_mode_and_restores_the_mode(tiny_module):
+    from zoo.harness.generation import generate_for_module
+    from zoo.modules import CausalLMModule
+
+    class ModeProbe(CausalLMModule):
+        def generate_text(self, prompts, max_new_tokens=256):
+            return [str(self.training) for _ in prompts]
+
+    module = tiny_module(cls=ModeProbe)
+    module.train()
+    assert generate_for_module(module, ["a", "b"]) == ["False", "False"]
+    assert module.training  # put back as it was

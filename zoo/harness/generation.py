@@ -119,18 +119,23 @@ def generate_for_module(module: nn.Module, prompts: list[str], max_new_tokens: i
        called on chunks of ``batch_size`` (it gets no system prompt);
     3. :func:`generate` on ``module.model`` and ``module.tokenizer``.
     """
-    own = getattr(module, "generate_completions", None)
-    if callable(own):
-        return own(prompts, max_new_tokens=max_new_tokens, system_prompt=system_prompt, batch_size=batch_size)
-    from zoo.modules.base import CausalLMModule
+    was_training = module.training
+    module.eval()  # whatever path generates: no dropout, and modules may branch on ``training``
+    try:
+        own = getattr(module, "generate_completions", None)
+        if callable(own):
+            return own(prompts, max_new_tokens=max_new_tokens, system_prompt=system_prompt, batch_size=batch_size)
+        from zoo.modules.base import CausalLMModule
 
-    if isinstance(module, CausalLMModule) and type(module).generate_text is not CausalLMModule.generate_text:
-        completions: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            completions += module.generate_text(prompts[start:start + batch_size], max_new_tokens=max_new_tokens)
-        return completions
-    return generate(module.model, module.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                    system_prompt=system_prompt, batch_size=batch_size)
+        if isinstance(module, CausalLMModule) and type(module).generate_text is not CausalLMModule.generate_text:
+            completions: list[str] = []
+            for start in range(0, len(prompts), batch_size):
+                completions += module.generate_text(prompts[start:start + batch_size], max_new_tokens=max_new_tokens)
+            return completions
+        return generate(module.model, module.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        system_prompt=system_prompt, batch_size=batch_size)
+    finally:
+        module.train(was_training)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

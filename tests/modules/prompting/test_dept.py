@@ -110,7 +110,8 @@ def test_generation_past_max_seq_length_gets_zero_offset(tiny_module):
     offsets = dept.offset(positions, beyond="zero")
     torch.testing.assert_close(offsets[:, :8], dept.offset(positions[:, :8]))
     assert torch.count_nonzero(offsets[:, :8]) > 0 and torch.count_nonzero(offsets[:, 8:]) == 0
-    dept.eval()
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
-    out = dept.generate(ids, torch.ones_like(ids), 6, use_cache=True, eos_token_id=-1)
-    assert out.shape[-1] >= 6  # reached position 6 + 6 > 8 without raising
+    for mode in (True, False):  # the harness may generate right after fit, with the module still in train mode
+        dept.train(mode)
+        out = dept.generate(ids, torch.ones_like(ids), 6, use_cache=True, eos_token_id=-1)
+        assert out.shape[-1] >= 6  # reached position 6 + 6 > 8 without raising
