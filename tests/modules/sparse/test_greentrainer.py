@@ -131,3 +131,24 @@ def test_resume_keeps_selection_and_weights(tmp_path, tiny_module, tiny_data):
     assert resumed_cb.frozen == full_cb.frozen and resumed_cb.stage == full_cb.stage == 2
     reference = dict(full.named_parameters())
     assert all(torch.equal(p, reference[n]) for n, p in resumed.named_parameters())
+
+
+def test_report_cli_prints_one_row_per_rho(capsys):
+    from zoo.modules.sparse.greentrainer import main
+
+    main(["--model", "tiny-llama", "--dataset", "chain_sum", "--length", "256", "--rhos", "1.0", "0.5",
+          "--repeats", "1", "--units", "1000"])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1.0", "| 0.5"))]
+    assert [row[0] for row in rows] == ["1.0", "0.5"]
+    assert rows[0][1] == "0.0%" and float(rows[1][1].rstrip("%")) > 0  # predicted saving
+    assert int(rows[1][2]) < int(rows[0][2])  # fewer trainable tensors at the lower budget
+
+
+def test_backward_time_with_nothing_trainable_is_zero_not_an_error(tiny_module, make_batch):
+    """rho below the forward's share of training FLOPs selects no tensor: no backward runs."""
+    from zoo.modules.sparse.greentrainer import measure_backward_time
+
+    module = tiny_module()
+    assert measure_backward_time(module, make_batch(), trainable=set(), repeats=1) == 0.0
+    assert all(p.requires_grad for p in module.parameters())  # flags restored
