@@ -170,7 +170,16 @@ def environment() -> dict[str, Any]:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS counter (Linux ``VmHWM`` via ``/proc/self/clear_refs``); False if unsupported."""
+    """Reset this process's peak-RSS counter (Linux ``VmHWM`` via ``/proc/self/clear_refs``); False if unsupported.
+
+    The heap is trimmed first (glibc ``malloc_trim``), so memory an earlier run freed but the allocator kept
+    does not count as this run's peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
