@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from zoo import backbone
+from zoo.harness.bench import trim_heap
 from zoo.kernels.selected_ce import selected_linear_cross_entropy
 from zoo.modules.sparse.lemo import LeMoSparseStrategy
 
@@ -66,7 +67,7 @@ class PeakSampler:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            _trim_heap()  # hand freed pages back so the step's allocations show up as RSS growth
+            trim_heap()  # hand freed pages back so the step's allocations show up as RSS growth
             self.base = self.peak = self._rss()
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
@@ -80,15 +81,6 @@ class PeakSampler:
             self._stop.set()
             self._thread.join()
         self.delta = self.peak - self.base
-
-
-def _trim_heap() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:

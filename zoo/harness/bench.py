@@ -169,17 +169,22 @@ def environment() -> dict[str, Any]:
     return {"versions": versions, "git_commit": commit}
 
 
-def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS counter (Linux ``VmHWM`` via ``/proc/self/clear_refs``); False if unsupported.
-
-    The heap is trimmed first (glibc ``malloc_trim``), so memory an earlier run freed but the allocator kept
-    does not count as this run's peak."""
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux ``VmHWM`` via ``/proc/self/clear_refs``); False if unsupported.
+
+    The heap is trimmed first (glibc ``malloc_trim``), so memory an earlier run freed but the allocator kept
+    does not count as this run's peak."""
+    trim_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
