@@ -126,3 +126,17 @@ def test_a_failing_config_does_not_stop_the_sweep(tmp_path, capsys):
     assert zoo_main(argv) == 1
     assert [r["method"] for r in read(tmp_path / "out" / "results.jsonl")] == ["tiny"]  # the good run still ran
     assert "1 of 2 runs failed" in capsys.readouterr().err
+
+
+def test_the_same_data_through_different_config_files_has_one_identity(tmp_path):
+    from zoo.harness.bench import build_cli, data_block
+
+    nested = tmp_path / "nested" / "deeper"
+    nested.mkdir(parents=True)
+    (tmp_path / "data.yaml").write_text(
+        "class_path: zoo.datamodules.SFTDataModule\ninit_args:\n  dataset: chain_sum\n  num_test: 4\n")
+    for folder, link in ((tmp_path, "data.yaml"), (nested, "../../data.yaml")):
+        (folder / "method.yaml").write_text(
+            f"model:\n  class_path: zoo.modules.CausalLMModule\n  init_args:\n    model: tiny-llama\ndata: {link}\n")
+    a, b = (data_block(build_cli(["--config", str(folder / "method.yaml")])) for folder in (tmp_path, nested))
+    assert a == b and a["init_args"]["num_test"] == 4

@@ -276,8 +276,11 @@ def backbone_of(module) -> str:
 
 
 def data_block(cli) -> dict[str, Any]:
+    """The parsed data block, without jsonargparse's bookkeeping (``__path__``: which file it came from),
+    so the same data reached through different config files has one identity."""
     data = cli.config["data"]
-    return data.as_dict() if hasattr(data, "as_dict") else dict(data)
+    block = data.as_dict() if hasattr(data, "as_dict") else dict(data)
+    return {key: value for key, value in block.items() if not (isinstance(key, str) and key.startswith("__"))}
 
 
 def count_parameters(module) -> tuple[int, int]:
