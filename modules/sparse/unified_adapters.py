@@ -196,9 +196,14 @@ class UnifiedAdapterModule(CausalLMModule):
     @torch.no_grad()
     def generate_completions(self, prompts: list[str], max_new_tokens: int = 256, system_prompt: str | None = None,
                              batch_size: int = 8) -> list[str]:
-        """Greedy decoding without a KV cache (the prefix hook runs on every full forward)."""
+        """Greedy decoding; without a KV cache when a prefix is attached (its hook runs on every full
+        forward), else HF ``generate`` with the cache (adapters are plain module hooks)."""
         from zoo.datamodules.sft import render_prompt_ids
-        from zoo.harness.generation import cut_at_eos, left_pad
+        from zoo.harness.generation import cut_at_eos, generate, left_pad
+
+        if self.prefix_encoder() is None:
+            return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                            system_prompt=system_prompt, batch_size=batch_size)
 
         eos = {self.tokenizer.eos_token_id}
         out: list[str] = []

@@ -100,3 +100,24 @@ def test_prefix_enters_every_layer_and_generation_matches_forward(tiny_module):
     assert text == [module.tokenizer.decode(new_ids, skip_special_tokens=True)]
     with pytest.raises(NotImplementedError):
         module.model.generate(input_ids=ids, max_new_tokens=2)
+
+
+def test_adapter_only_generation_uses_the_cache_and_matches_full_forwards(tiny_module):
+    from zoo.datamodules.sft import render_prompt_ids
+
+    module = tiny_module(cls=UnifiedAdapterModule, adapter_placement="ffn", bottleneck=8, scale=4.0,
+                         prefix_length=0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "zoo_parallel_adapter" in name:
+                p.normal_(std=0.2)  # a non-zero adapter, so it must act on the generated text
+    prompt = torch.tensor([render_prompt_ids(module.tokenizer, "hi")])
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            expected = torch.cat([expected, module.model(input_ids=expected).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    new_ids = expected[0, prompt.shape[1]:].tolist()
+    eos = module.tokenizer.eos_token_id
+    new_ids = new_ids[: new_ids.index(eos)] if eos in new_ids else new_ids
+    assert module.generate_completions(["hi"], max_new_tokens=4) == [
+        module.tokenizer.decode(new_ids, skip_special_tokens=True)]
