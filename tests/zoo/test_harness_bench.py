@@ -140,3 +140,11 @@ def test_the_same_data_through_different_config_files_has_one_identity(tmp_path)
             f"model:\n  class_path: zoo.modules.CausalLMModule\n  init_args:\n    model: tiny-llama\ndata: {link}\n")
     a, b = (data_block(build_cli(["--config", str(folder / "method.yaml")])) for folder in (tmp_path, nested))
     assert a == b and a["init_args"]["num_test"] == 4
+
+
+def test_limit_zero_skips_generation_and_keeps_the_nll(tmp_path):
+    argv = ["bench", TINY, "--max_steps", "1", "--limit", "0", "--no-base", "--out", str(tmp_path), *SMALL_DATA]
+    assert zoo_main(argv) == 0
+    (record,) = read(tmp_path / "results.jsonl")
+    assert record["eval_examples"] == 0 and "exact_match" not in record["metrics"]
+    assert record["metrics"]["nll"] > 0 and record["metrics"]["nll_tokens"] > 0

@@ -72,7 +72,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="evaluate a run directory or an HF export folder instead of training (repeatable)")
     parser.add_argument("--max_steps", type=int, default=None, help="training steps per run (default: the config's)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--limit", type=int, default=None, help="test records to generate for (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="test records to generate for (default: all; 0: no generation, NLL only)")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per record")
     parser.add_argument("--batch_size", type=int, default=16, help="generation batch size")
     parser.add_argument("--out", default="runs/bench", help="output folder")
