@@ -278,7 +278,7 @@ class PreferenceDataModule(SFTDataModule):
 def preference_metrics(module, loader) -> dict[str, float]:
     """Reward accuracy and margin of a module on preference batches.
 
-    The reward of a response is ``module.sequence_rewards(batch)`` when the module defines it (DPO:
+    The reward of a response is ``module.sequence_rewards(batch, outputs)`` when the module defines it (DPO:
     ``beta * (log pi - log pi_ref)`` summed over the response), else its summed response log-prob
     (an SFT model: ``log p(chosen) - log p(rejected)``). ``reward_accuracy`` is the fraction of pairs
     with a strictly larger chosen reward; ``reward_margin`` the mean chosen - rejected reward.
@@ -295,7 +295,7 @@ def preference_metrics(module, loader) -> dict[str, float]:
             batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             outputs = module(batch)
             logps = -module.weighted_token_loss(outputs, target_mask(batch["labels"]).float()).sum(1)
-            rewards = module.sequence_rewards(batch) if hasattr(module, "sequence_rewards") else logps
+            rewards = module.sequence_rewards(batch, outputs) if hasattr(module, "sequence_rewards") else logps
             for diffs, values in ((reward_diffs, rewards), (logp_diffs, logps)):
                 chosen, rejected = split_pairs(values.float())
                 diffs.append(chosen - rejected)

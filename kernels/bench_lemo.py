@@ -33,6 +33,7 @@ import torch
 
 from zoo import backbone
 from zoo.harness.bench import trim_heap
+from zoo.harness.step_cost import saved_tensor_bytes
 from zoo.kernels.selected_ce import selected_linear_cross_entropy
 from zoo.modules.sparse.lemo import LeMoSparseStrategy
 
@@ -94,20 +95,10 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 def saved_bytes(model, ids: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter storages autograd saves during one forward (then backward)."""
-    storages: dict[int, int] = {}
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in weights:
-            storages[pointer] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = lm_loss(model, ids)
+    saved, loss = saved_tensor_bytes(model.parameters(), lambda: lm_loss(model, ids))
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return saved
 
 
 def measure(model, ids: torch.Tensor, steps: int) -> dict[str, float]:

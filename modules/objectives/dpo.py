@@ -127,10 +127,12 @@ class DPOModule(CausalLMModule):
         self.log(f"{stage}/chosen_reward", chosen.mean(), batch_size=size, sync_dist=True)
 
     @torch.no_grad()
-    def sequence_rewards(self, batch: dict[str, Tensor]) -> Tensor:
-        """(2B,) implicit rewards ``beta * sum_t (log pi - log pi_ref)`` over each response."""
+    def sequence_rewards(self, batch: dict[str, Tensor], outputs: StepOutputs | None = None) -> Tensor:
+        """(2B,) implicit rewards ``beta * sum_t (log pi - log pi_ref)`` over each response; ``outputs``: the
+        policy's forward on ``batch`` when the caller already has it."""
         weights = target_mask(batch["labels"]).float()
-        return self.hparams.beta * self.token_logratios(batch, self(batch), weights).sum(dim=1)
+        outputs = self(batch) if outputs is None else outputs
+        return self.hparams.beta * self.token_logratios(batch, outputs, weights).sum(dim=1)
 
     def evaluation_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         self._check_pairs(batch)

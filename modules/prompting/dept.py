@@ -10,14 +10,15 @@ Implements: a short prompt P (m x d) prepended to the frozen embeddings, and the
 Differs from the official code: rows of A are indexed by each token's position within its row
 (``cumsum(attention_mask) - 1``), not by the padded column, so inputs need not be padded to exactly s
 and left/right padding agree (the official code requires ``pad_to_max_length``); ``strict_length``
-restores the exact-s requirement. Decoder-only backbone (the paper's main runs use T5's encoder).
+restores the exact-s requirement. Decoder-only backbone (the paper's main runs use T5's encoder), so
+generation can run past s: positions >= s get a zero offset outside training (no row trained them).
 Not implemented: transfer initialisation from source tasks (few-shot setting), text-initialised P.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,7 @@ class LowRankEmbeddingOffset(nn.Module):
         """(s, d) the full scaled offset ``c * A B``."""
         return self.scaling * (self.A @ self.B)
 
-    def forward(self, positions: Tensor, beyond: str = "raise") -> Tensor:
+    def forward(self, positions: Tensor, beyond: Literal["raise", "zero"] = "raise") -> Tensor:
         """(B, T, d) offsets for (B, T) token positions. Positions >= s raise (``beyond="raise"``, training:
         the data is longer than the offset) or get a zero offset (``beyond="zero"``: tokens generated past
         the trained range, which no training row ever reached)."""

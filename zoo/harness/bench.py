@@ -183,7 +183,8 @@ def reset_peak_rss() -> bool:
     """Reset this process's peak-RSS counter (Linux ``VmHWM`` via ``/proc/self/clear_refs``); False if unsupported.
 
     The heap is trimmed first (glibc ``malloc_trim``), so memory an earlier run freed but the allocator kept
-    does not count as this run's peak."""
+    does not count as this run's peak (garbage of the earlier run is collected first)."""
+    gc.collect()
     trim_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -330,7 +331,6 @@ def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: 
     if record_key(record) in done:
         return
     log(f"base ({name}): evaluating the untuned backbone ...")
-    gc.collect()
     reset_peak_rss()
     module = CausalLMModule(model=name, export=False)
     result = evaluate(module, cli.datamodule, args, out / "runs" / f"base-{record['config_hash']}" / "completions.jsonl")
@@ -371,7 +371,6 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
         log(f"{position} {method} seed {seed}: training {trainer.max_steps} steps ...")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        gc.collect()
         reset_peak_rss()
         started = time.perf_counter()
         trainer.fit(module, datamodule=cli.datamodule)
@@ -491,7 +490,6 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, overrides: list[str
         log(f"{name}: already in {results.name}, skipped")
         return
     log(f"{name}: loading {export} ...")
-    gc.collect()
     reset_peak_rss()
     module, backbone_name = load_checkpoint_module(export, run_config, args.model)
     result = evaluate(module, datamodule, args, out / "runs" / f"{name.replace(':', '-')}" / "completions.jsonl")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -41,11 +42,10 @@ def step_loss(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return module.compute_loss(batch, outputs, module.token_weights(batch, outputs))
 
 
-def saved_activation_bytes(module, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(bytes autograd saves in one forward + loss, sequence length the backbone saw); then backward."""
+def saved_tensor_bytes(parameters: Iterable[torch.Tensor], run: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """(bytes of the distinct non-parameter storages autograd saves while ``run()`` builds its graph, its result)."""
     storages: dict[int, int] = {}
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: list[int] = []
+    weights = {p.untyped_storage().data_ptr() for p in parameters}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         pointer = tensor.untyped_storage().data_ptr()
@@ -53,23 +53,31 @@ def saved_activation_bytes(module, batch: dict[str, torch.Tensor]) -> tuple[int,
             storages[pointer] = tensor.untyped_storage().nbytes()
         return tensor
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = run()
+    return sum(storages.values()), result
+
+
+def saved_activation_bytes(module, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(bytes autograd saves in one forward + loss, sequence length the backbone saw); then backward."""
+    from zoo import backbone
+
+    seen: list[int] = []
+
     def record_length(_module, args, kwargs) -> None:
         embeds = kwargs.get("inputs_embeds")
         tensor = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
         if tensor is not None:
             seen.append(int(tensor.shape[1]))
 
-    from zoo import backbone
-
     handle = backbone.decoder(module.model).register_forward_pre_hook(record_length, with_kwargs=True)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = step_loss(module, batch)
+        saved, loss = saved_tensor_bytes(module.parameters(), lambda: step_loss(module, batch))
     finally:
         handle.remove()
     loss.backward()
     module.zero_grad(set_to_none=True)
-    return sum(storages.values()), (seen[0] if seen else int(batch["input_ids"].shape[1]))
+    return saved, (seen[0] if seen else int(batch["input_ids"].shape[1]))
 
 
 def measure(module, batch: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
