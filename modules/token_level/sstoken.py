@@ -9,7 +9,9 @@ Implements (spec steps 1-8)
       ``L_cur`` is the training forward's detached per-token loss, ``L_his`` a no-grad forward of the
       history model on the same input ids (a frozen copy of the model taken in ``setup``, i.e. before
       any checkpoint is restored = the base model; ``history="ema"`` updates it after every optimizer
-      step, ``his = alpha * his + (1 - alpha) * cur``, and saves it in the callback state);
+      step, ``his = alpha * his + (1 - alpha) * cur``, and saves it in the callback state). The copy is
+      taken before the strategy moves and casts the trainee, so ``on_fit_start`` and every use move each
+      of its tensors to the device and dtype of the trainee's tensor of the same name;
     * the prompt-attention score from ONE probe layer (default: the last, as the released code): a
       forward pre-hook on that layer's attention module keeps its input hidden states and RoPE
       (cos, sin); ``select`` recomputes q and k (q/k norms if the model has them), applies RoPE, the
@@ -43,6 +45,7 @@ data pool (harness scope).
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Literal
 
 import lightning as L
@@ -185,6 +188,29 @@ class SSTokenSelectCallback(Callback):
         self._attn = backbone.decoder_layers(pl_module.model)[self.probe_layer].self_attn
         self._handle = self._attn.register_forward_pre_hook(self._capture, with_kwargs=True)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.follow(pl_module.model)
+
+    def follow(self, model: nn.Module) -> None:
+        """Move/cast each history tensor to the device and dtype of the trainee's tensor of the same name.
+
+        The snapshot is taken in ``setup``, before the strategy moves the module to its device and
+        applies a ``*-true`` precision; this keeps the history model where the trainee is (a no-op
+        once they agree, so it is cheap to call before every use).
+        """
+        if self.history_model is None:
+            return
+        source = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+        held = itertools.chain(self.history_model.named_parameters(), self.history_model.named_buffers())
+        with torch.no_grad():
+            for name, tensor in held:
+                ref = source.get(name)
+                if ref is None:
+                    continue
+                dtype = ref.dtype if tensor.is_floating_point() and ref.is_floating_point() else tensor.dtype
+                if tensor.device != ref.device or tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(device=ref.device, dtype=dtype)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._handle is not None:
             self._handle.remove()
@@ -240,6 +266,7 @@ class SSTokenSelectCallback(Callback):
         attention = self.prompt_attention_scores(batch)
         if gamma > 0:
             self._sync_vocabulary(module.model)
+            self.follow(module.model)
             current = outputs.per_token_loss()
             history = self.history_loss(batch)
         else:
@@ -266,6 +293,7 @@ class SSTokenSelectCallback(Callback):
         if self.history != "ema" or self.history_model is None or trainer.global_step == self._last_ema_step:
             return
         self._last_ema_step = trainer.global_step  # one update per optimizer step (not per micro-batch)
+        self.follow(pl_module.model)
         history = dict(self.history_model.named_parameters())
         with torch.no_grad():
             for name, param in pl_module.model.named_parameters():

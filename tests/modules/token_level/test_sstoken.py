@@ -188,3 +188,16 @@ def test_ema_history_after_one_step_is_the_convex_combination(tiny_module, tiny_
         torch.testing.assert_close(history[name], expected, atol=1e-6, rtol=1e-5)
         changed += int(not torch.equal(param, initial[name]))
     assert changed > 0
+
+
+def test_history_model_follows_the_module_dtype_under_64_true_precision(tiny_module, tiny_data, fit_tiny):
+    # Lightning casts the module when the strategy sets it up (after ``setup``): everything the callback
+    # holds must follow it, or the history forward and the EMA lerp_ mix dtypes (devices on a GPU).
+    for history in ("base", "ema"):
+        module = tiny_module()
+        callback = SSTokenSelectCallback(keep_ratio=0.6, gamma=0.5, history=history, ema_decay=0.9)
+        fit_tiny(module, tiny_data(), callbacks=[callback], max_steps=2, precision="64-true")
+        trainee = {p.dtype for p in module.model.parameters()}
+        assert trainee == {torch.float64}
+        assert {p.dtype for p in callback.history_model.parameters()} == {torch.float64}
+        assert {b.dtype for b in callback.history_model.buffers() if b.is_floating_point()} <= {torch.float64}
