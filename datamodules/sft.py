@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from zoo import backbone, tasks
+from zoo.chat import render_prompt_ids  # noqa: F401  (re-exported: data and decoding render alike)
 from zoo.errors import ZooError
 from zoo.kernels.selected_ce import IGNORE_INDEX
 
@@ -43,16 +44,6 @@ class DataError(ZooError, ValueError):
 
 
 # ---------------------------------------------------------------------------- rendering
-def render_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
-    """Token ids of the chat-formatted prompt up to the assistant turn (what generation sees)."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return list(ids)
-
-
 def answer_start(response: str) -> int:
     """Character offset where the final-answer segment of ``response`` starts."""
     marker = response.rfind("####")

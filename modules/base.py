@@ -45,12 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo import backbone
+from zoo import backbone, decoding
 from zoo.errors import ConfigError, TrainingError
 from zoo.kernels.selected_ce import IGNORE_INDEX, selected_linear_cross_entropy
+from zoo.modules.adapters.base import Adapter
 from zoo.registry import register
 
 Reduction = Literal["token_mean", "weight_mean", "sequence_mean", "sum"]
+EXPORT_MANIFEST, EXPORT_STATE = "zoo.json", "zoo_state.safetensors"
 
 
 @runtime_checkable
@@ -58,6 +60,16 @@ class TokenSelector(Protocol):
     """A callback that weights or selects the tokens that train (shape (B, T), target-aligned)."""
 
     def select(self, module: CausalLMModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor: ...
+
+
+def given_arguments(init: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword form of a constructor call (positional arguments named, ``**kwargs`` flattened)."""
+    import inspect
+
+    bound = inspect.signature(init).bind_partial(None, *args, **kwargs).arguments
+    bound.pop(next(iter(bound)), None)  # self
+    extra = next((name for name, p in inspect.signature(init).parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    return {**{k: v for k, v in bound.items() if k != extra}, **(bound.get(extra) or {})}
 
 
 def target_mask(labels: Tensor) -> Tensor:
@@ -141,6 +153,13 @@ class StepOutputs:
 class CausalLMModule(L.LightningModule):
     """Supervised fine-tuning (SFT) of a causal LM, with token-selector and objective hooks."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> CausalLMModule:
+        self = super().__new__(cls)
+        # The arguments exactly as the caller gave them (what rebuilds this module from its export); the
+        # hparams also hold what intermediate classes passed to their parents.
+        object.__setattr__(self, "_given_args", given_arguments(cls.__init__, args, kwargs))
+        return self
+
     def __init__(
         self,
         model: str = backbone.SMOLLM2,
@@ -154,6 +173,7 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         export: bool = True,
         checkpoint_trainable_only: bool = True,
+        adapter: Adapter | None = None,
     ) -> None:
         """
         Args:
@@ -169,12 +189,16 @@ class CausalLMModule(L.LightningModule):
             export: write an HF-format export (model or adapter, tokenizer, chat template) at the end of fit.
             checkpoint_trainable_only: Lightning checkpoints hold only trainable tensors (frozen ones are
                 restored from the backbone on load).
+            adapter: how the backbone is wrapped (LoRA, prompt tuning, DePT, a parallel adapter, ...): a
+                :class:`zoo.modules.adapters.Adapter` from YAML (``class_path`` / ``init_args``); default none.
         """
         super().__init__()
-        self.save_hyperparameters()
-        self.model, self.tokenizer = backbone.load(model, dtype=dtype)
-        self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
-        self.model = self.configure_backbone(self.model)
+        self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["adapter"] = adapter.config() if adapter is not None else None  # plain data, YAML shape
+        self.adapter = adapter if adapter is not None else Adapter()
+        loaded, self.tokenizer = backbone.load(model, dtype=dtype)
+        loaded.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
+        self.model = self.adapter.attach(self.configure_backbone(loaded), self.tokenizer)
         if gradient_checkpointing:
             backbone.base_model(self.model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -219,25 +243,8 @@ class CausalLMModule(L.LightningModule):
         return F.pad(flat.view(targets.shape), (1, 0))
 
     def forward_hidden(self, batch: dict[str, Tensor]) -> Tensor:
-        """Final hidden states (B, T, H). The LM head is skipped (``logits_to_keep`` = no position)."""
-        captured: list[Tensor] = []
-
-        def grab(_module, _args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-        handle = backbone.decoder(self.model).register_forward_hook(grab)
-        try:
-            self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                use_cache=False,
-                logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device),
-            )
-        finally:
-            handle.remove()
-        hidden = captured[-1]
-        # Virtual tokens prepended by prompt-style wrappers sit in front: keep the real positions.
-        return hidden[:, -batch["input_ids"].shape[1] :]
+        """Final hidden states (B, T, H) at the batch's real positions, through the adapter (no LM head)."""
+        return self.adapter.hidden_states(batch)
 
     def forward(self, batch: dict[str, Tensor]) -> StepOutputs:
         return StepOutputs(module=self, hidden=self.forward_hidden(batch), labels=batch["labels"])
@@ -309,13 +316,19 @@ class CausalLMModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_perplexity("test")
 
-    def generate_text(self, prompts: list[str], max_new_tokens: int = 256) -> list[str]:
-        """Greedy completions of chat-rendered ``prompts``: the harness's single entry point.
-
-        Subclasses whose forward differs from the plain backbone (soft prompts, ...) override this."""
-        from zoo.harness.generation import generate
-
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens)
+    def generate_text(self, prompts: list[str], max_new_tokens: int = 256, system_prompt: str | None = None,
+                      batch_size: int = 16, **sampling: Any) -> list[str]:
+        """Completions of chat-rendered ``prompts`` through the one decoder (:func:`zoo.decoding.generate`),
+        with the adapter's decoding hooks; ``sampling``: ``do_sample``, ``temperature``, ``top_p``, ``stop``, ...
+        Runs in eval mode (no dropout; modules may branch on ``training``) and restores the mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            return decoding.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                     system_prompt=system_prompt, batch_size=batch_size, hooks=self.adapter,
+                                     **sampling)
+        finally:
+            self.train(was_training)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[str]:
         prompts = batch.get("prompt_text")
@@ -327,10 +340,12 @@ class CausalLMModule(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ConfigError(f"{type(self).__name__} has no trainable parameters: check the freezing options")
-        decay = [p for p in params.values() if p.ndim >= 2]
-        no_decay = [p for p in params.values() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = self.adapter.parameter_groups(self.hparams.lr)
+        if groups is None:
+            decay = [p for p in params.values() if p.ndim >= 2]
+            no_decay = [p for p in params.values() if p.ndim < 2]
+            groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
                                       betas=tuple(self.hparams.betas))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
@@ -366,13 +381,16 @@ class CausalLMModule(L.LightningModule):
         fully_shard(self.model, mesh=mesh)
 
     # ------------------------------------------------------------------ checkpoint + export
+    def trainable_state_names(self) -> set[str]:
+        """State-dict keys of the trainable tensors (by tensor, not by name: tied aliases included)."""
+        trainable_ids = {id(p) for p in self.trainable_parameters().values()}
+        return {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in trainable_ids}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         sharded = any(hasattr(p, "full_tensor") for p in self.parameters())  # FSDP2 loads need every key
         if self.hparams.checkpoint_trainable_only and isinstance(state, dict) and not sharded:
-            # by tensor, not by name: a tied alias (lm_head.weight = embed_tokens.weight) is kept too
-            trainable_ids = {id(p) for p in self.trainable_parameters().values()}
-            trainable = {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in trainable_ids}
+            trainable = self.trainable_state_names()
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
             checkpoint["zoo_trainable_only"] = True
 
@@ -390,16 +408,67 @@ class CausalLMModule(L.LightningModule):
             self.export(self.export_dir())
 
     def export(self, directory: str | Path) -> Path:
-        """Save an HF-format model (or peft adapter), tokenizer and chat template to ``directory``."""
+        """Write the run's model so that it reloads: ``zoo.harness.load.load_run(directory)``.
+
+        The folder holds the tokenizer and chat template and, where the backbone trained, an HF model
+        (``transformers`` loads it; adapter updates merged when the adapter can merge) or a peft adapter
+        (``peft`` loads it); ``zoo.json`` (the module class and its arguments) and ``zoo_state.safetensors``
+        (trained tensors the HF files do not carry: soft prompts, parallel adapters, ...) rebuild the module.
+        """
+        import json
+
+        from safetensors.torch import save_file
+
         directory = Path(directory)
-        state_dict = self._full_state_dict_for_export()
+        merged = self.adapter.export_state_dict()
+        weights = self.export_weights_kind(merged is not None)
+        state_dict = merged if merged is not None else self._full_state_dict_for_export()
+        extra = self.export_extra_state(weights)
         if self._trainer is None or self.trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
-            self.exportable_model().save_pretrained(directory, state_dict=state_dict)
+            if weights in ("full", "peft"):
+                self.exportable_model().save_pretrained(directory, state_dict=state_dict)
             self.tokenizer.save_pretrained(directory)
+            self.adapter.export_extras(directory)
+            if extra:
+                save_file(extra, str(directory / EXPORT_STATE))
+            manifest = {"format": 1, "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                        "init_args": self.export_init_args(merged=merged is not None), "weights": weights,
+                        "state": EXPORT_STATE if extra else None}
+            (directory / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=list) + "\n")
         if self._trainer is not None:
             self.trainer.strategy.barrier("zoo-export")
         return directory
+
+    def export_weights_kind(self, merged: bool) -> Literal["full", "peft", "none"]:
+        """``full``: an HF model with the trained backbone; ``peft``: a peft adapter; ``none``: the backbone did
+        not train (soft prompts, parallel adapters): a reload starts from the original backbone."""
+        if merged:
+            return "full"
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return "none"
+        return "peft" if hasattr(self.model, "peft_config") else "full"
+
+    def export_extra_state(self, weights: str) -> dict[str, Tensor]:
+        """Trained tensors (and persistent buffers outside the backbone) that the HF files do not carry."""
+        trainable = self.trainable_state_names()
+        covered = "model." if weights == "full" else None
+        if weights == "full" and self.adapter.export_state_dict() is not None:
+            return {}  # merged: the adapter's update is inside the HF weights
+        state = self.state_dict()
+        keep = {k for k in trainable if not (covered and k.startswith(covered))}
+        keep |= {k for k, _ in self.named_buffers() if not k.startswith("model.") and k in state}
+        return {k: state[k].detach().cpu().contiguous() for k in sorted(keep) if k in state}
+
+    def export_init_args(self, merged: bool = False) -> dict[str, Any]:
+        """The constructor arguments that rebuild this module from its export (``zoo.json``)."""
+        args = dict(self._given_args)
+        if isinstance(args.get("adapter"), Adapter):
+            args["adapter"] = args["adapter"].config()
+        args["export"] = False
+        if merged:
+            args["adapter"] = None
+        return args
 
     def exportable_model(self) -> nn.Module:
         """The model written by :meth:`export` (subclasses drop auxiliary heads here)."""

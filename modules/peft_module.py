@@ -1,18 +1,18 @@
-"""``PeftModule``: any `peft <https://github.com/huggingface/peft>`_ config from YAML on ``CausalLMModule``.
+"""``PeftModule``: SFT through any `peft <https://github.com/huggingface/peft>`_ config, the shorthand for
+``CausalLMModule(adapter=Peft(config))``.
 
 LoRA, IA3, prompt tuning, prefix tuning, ... : ``peft_config`` is the dict ``peft.get_peft_config``
 takes (``peft_type`` plus that method's fields); ``task_type`` defaults to ``CAUSAL_LM``. The
 export is the adapter (``adapter_config.json`` + weights) with the tokenizer, loadable with
-``peft.AutoPeftModelForCausalLM``.
+``peft.AutoPeftModelForCausalLM``. Any other objective takes the same adapter from YAML
+(``adapter: {class_path: zoo.modules.adapters.LoRA, init_args: {r: 8}}``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from zoo.errors import ConfigError
+from zoo.modules.adapters.peft import Peft
 from zoo.modules.base import CausalLMModule
 from zoo.registry import register
 
@@ -27,22 +27,8 @@ class PeftModule(CausalLMModule):
                 target_modules: all-linear}``. Default: LoRA r=16 on all linear layers.
             **kwargs: the CausalLMModule arguments (model, lr, ...).
         """
-        self._peft_config = dict(peft_config or {"peft_type": "LORA", "r": 16, "lora_alpha": 32,
-                                                 "lora_dropout": 0.0, "target_modules": "all-linear"})
-        super().__init__(**kwargs)
-
-    def configure_backbone(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_config, get_peft_model
-
-        config = {"task_type": "CAUSAL_LM", **self._peft_config}
-        if "peft_type" not in config:
-            raise ConfigError("peft_config needs a peft_type (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, ...)")
-        config["peft_type"] = str(config["peft_type"]).upper()
-        try:
-            peft_config = get_peft_config(config)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"invalid peft_config {self._peft_config}: {err}") from err
-        return get_peft_model(model, peft_config)
+        kwargs.pop("adapter", None)  # the adapter is peft_config's (a reload passes both)
+        super().__init__(adapter=Peft(peft_config), **kwargs)
 
 
 register(
