@@ -31,6 +31,8 @@ as a submodule), so no parameter is registered twice.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,19 @@ class Adapter(nn.Module):
 
     def step_embeddings(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(input_ids)
+
+    # ------------------------------------------------------------------ switching off
+    @property
+    def is_identity(self) -> bool:
+        """True for the plain :class:`Adapter` (nothing attached)."""
+        return type(self) is Adapter
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the backbone as if this adapter were not attached (e.g. DPO's reference = the frozen base).
+        Adapters that cannot be switched off raise :class:`NotImplementedError`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be switched off")
+        yield
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self, lr: float) -> list[dict[str, Any]] | None:

@@ -9,6 +9,8 @@ their virtual tokens (prompt tuning) or prefix cache (prefix tuning) in front.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -75,6 +77,11 @@ class Peft(Adapter):
         prompt = self.model.get_prompt(batch).to(embeds.dtype)
         full = torch.cat([ones, attention_mask], 1)
         return Prefill(torch.cat([prompt, embeds], 1), full, position_ids_from_mask(full), None)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        with self.model.disable_adapter():
+            yield
 
     @property
     def exports_backbone(self) -> bool:
