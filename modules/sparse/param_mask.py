@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo import backbone
+from zoo.errors import ConfigError
 
 
 @dataclass
@@ -78,9 +79,15 @@ def rebuild_optimizer(trainer: L.Trainer, carry_state: bool = True, carry_schedu
     Callbacks that shape the optimizer (layer-wise LR decay) define ``on_optimizer_rebuilt(trainer,
     module)``; it is called on every callback right after the new optimizer exists, so parameter
     selection composes with them.
+
+    The schedule position (``last_epoch``, ``_step_count``) is carried, never the old scheduler's whole
+    state: its ``base_lrs`` belong to the old parameter groups, whose number and order change with the
+    selection (and with layer-wise LR decay). The new scheduler keeps the base lrs of the new groups and
+    each group's lr is recomputed at the carried position.
     """
     old_optimizers = list(trainer.optimizers)
-    old_schedules = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+    old_positions = [(config.scheduler.last_epoch, getattr(config.scheduler, "_step_count", None))
+                     for config in trainer.lr_scheduler_configs]
     trainer.strategy.setup_optimizers(trainer)
     for callback in trainer.callbacks:  # e.g. layer-wise LR decay re-splits the new optimizer's groups
         hook = getattr(callback, "on_optimizer_rebuilt", None)
@@ -93,13 +100,31 @@ def rebuild_optimizer(trainer: L.Trainer, carry_state: bool = True, carry_schedu
                     if p in old.state:
                         new.state[p] = old.state[p]
     if carry_schedule:
-        for state, config in zip(old_schedules, trainer.lr_scheduler_configs):
-            config.scheduler.load_state_dict(state)
-            last = getattr(config.scheduler, "_last_lr", None)
-            groups = config.scheduler.optimizer.param_groups
-            if last is not None and len(last) == len(groups):
-                for group, lr in zip(groups, last):
-                    group["lr"] = lr
+        for (last_epoch, step_count), config in zip(old_positions, trainer.lr_scheduler_configs):
+            move_schedule(config.scheduler, last_epoch, step_count)
+
+
+def move_schedule(scheduler: Any, last_epoch: int, step_count: int | None = None) -> None:
+    """Put a freshly built scheduler at position ``last_epoch`` and set its groups' lrs for that position.
+
+    Closed-form schedulers only (``LambdaLR``, the module's, and any with ``_get_closed_form_lr``): a
+    chained scheduler's lr depends on the path it took, which a new set of groups does not have."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        def closed_form() -> list[float]:
+            return [base * fn(scheduler.last_epoch)
+                    for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    elif hasattr(scheduler, "_get_closed_form_lr"):
+        closed_form = scheduler._get_closed_form_lr
+    else:
+        raise ConfigError(f"cannot carry the position of a {type(scheduler).__name__} across an optimizer "
+                          "rebuild: use a LambdaLR (the module's schedulers) or carry_schedule=False")
+    scheduler.last_epoch = last_epoch
+    if step_count is not None:
+        scheduler._step_count = step_count
+    lrs = closed_form()
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class ParameterMaskCallback(L.Callback):

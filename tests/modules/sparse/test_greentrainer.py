@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import random
 
+import lightning as L
 import pytest
 import torch
 
@@ -152,3 +154,50 @@ def test_backward_time_with_nothing_trainable_is_zero_not_an_error(tiny_module, 
     module = tiny_module()
     assert measure_backward_time(module, make_batch(), trainable=set(), repeats=1) == 0.0
     assert all(p.requires_grad for p in module.parameters())  # flags restored
+
+
+def _schedule_factor(step: int, warmup: int, total: int) -> float:
+    """Warm-up then cosine, written out by hand (the module's ``scheduler="cosine"``)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class _LrRecorder(L.Callback):
+    """Per optimizer step: {zoo_depth or group index: lr} of the groups the step uses."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[int, float]]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        lrs = {g.get("zoo_depth", i): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        self.steps.append((trainer.global_step, lrs))
+
+
+def test_reselection_with_llrd_changes_group_count_and_continues_the_schedule(tiny_module, tiny_data, fit_tiny):
+    from zoo.modules.sparse.stability import FinetuneStabilizer, llrd_lr
+
+    class VaryingBudget(GreenTrainerCallback):  # a different budget per epoch: the selected depths change
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rho = (0.3, 0.9)[trainer.current_epoch % 2]
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    lr, warmup, total = 1e-3, 2, 7
+    module = tiny_module(lr=lr, warmup_steps=warmup, scheduler="cosine")
+    green = VaryingBudget(interval=1)  # re-selects on the first batch of every epoch
+    recorder = _LrRecorder()
+    group_counts = []
+
+    class CountGroups(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            group_counts.append(len(optimizer.param_groups))
+
+    callbacks = [FinetuneStabilizer(layer_lr_decay=0.5), green, CountGroups(), recorder]
+    trainer = fit_tiny(module, tiny_data(), callbacks=callbacks, max_steps=total, max_epochs=total)
+    assert trainer.global_step == total and green.stage >= 3  # several re-selections, mid-schedule included
+    assert len(set(group_counts[1:])) > 1  # the group count changed across mid-run rebuilds
+    assert [step for step, _ in recorder.steps] == list(range(total))
+    for step, lrs in recorder.steps:
+        factor = _schedule_factor(step, warmup, total)
+        for depth, value in lrs.items():
+            assert math.isclose(value, llrd_lr(lr, 0.5, depth, 2) * factor, rel_tol=1e-9), (step, depth)
