@@ -6,14 +6,17 @@ Implements: phase 1 dense fine-tuning for ``dense_steps`` optimizer steps (optio
 start, ``lambda * sum|p - p0| / N``, added as its exact gradient before each optimizer step);
 GLOBAL top-K selection of the largest ``|theta - theta0|`` by index (exactly K entries, ties broken
 deterministically by flat position, never more than K); reset of ALL parameters to theta0; phase 2
-with a new optimizer and scheduler, gradients masked to the ticket and masked-out entries held at
-theta0 after every step (so AdamW weight decay cannot move them); at the end the sparse difference
-is written as a :class:`SparseDelta` (``sparse_delta.pt`` in the run dir) that can be saved, loaded,
-applied / reverted, and composed with ``+`` (e.g. task delta + language/format delta).
+with a new optimizer (empty state: no Adam moments carried, spec step 4 / check 4), gradients masked
+to the ticket and masked-out entries held at theta0 after every step (so AdamW weight decay cannot
+move them); at the end the sparse difference is written as a :class:`SparseDelta` (``sparse_delta.pt``
+in the run dir) that can be saved, loaded, applied / reverted, and composed with ``+`` (e.g. task
+delta + language/format delta).
 Differs from the official code: selection is per-tensor top-k candidates then a global top-k (no
 Python list of all deltas); phase lengths are in optimizer steps (``dense_steps``; phase 2 runs to
-``max_steps``) rather than epochs; norms are frozen by name pattern (``freeze_patterns``) in both
-phases, like the repo's language SFTs; there is no separate task head in a causal LM.
+``max_steps``) rather than epochs; the two phases share ONE learning-rate schedule over ``max_steps``
+(phase 2 continues the position where phase 1 stopped: one warm-up, one decay; the official code
+restarts a schedule sized to each phase); norms are frozen by name pattern (``freeze_patterns``) in
+both phases, like the repo's language SFTs; there is no separate task head in a causal LM.
 Not implemented: ``n_iter > 1`` selection rounds; reading the hub's ``composable-sft`` file format.
 """
 
@@ -202,7 +205,8 @@ class LotteryTicketSFT(ParameterMaskCallback):
             params[name].copy_(value.to(params[name].device))
         self.stage = 1
         self.apply_selection(pl_module, Selection(trainable=set(self.theta0), masks=masks))
-        rebuild_optimizer(trainer, carry_state=False, carry_schedule=False)  # new optimizer and scheduler
+        # fresh optimizer (no moments carried: spec step 4); the schedule continues (one curve over max_steps)
+        rebuild_optimizer(trainer, carry_state=False, carry_schedule=True)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if self.l1_strength:

@@ -3,6 +3,8 @@ switch, SparseDelta algebra and files, the L1 gradient, and resume in phase 2.""
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -135,3 +137,28 @@ def test_resume_in_sparse_phase_equals_uninterrupted(tmp_path, tiny_module, tiny
     full_params = dict(full.named_parameters())
     for name, p in resumed.named_parameters():
         assert torch.equal(p, full_params[name]), name
+
+
+def test_two_phase_lr_curve_is_the_single_phase_schedule(tiny_module, tiny_data, fit_tiny):
+    # Phase 2 continues the schedule position: no second warm-up, and the run ends where one schedule
+    # over max_steps ends (a fresh scheduler over max_steps in phase 2 restarted at factor(0)).
+    lr, warmup, total, dense = 1e-3, 2, 8, 4
+
+    def factor(step):  # the module's warm-up + cosine, written out by hand
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((trainer.global_step, [g["lr"] for g in optimizer.param_groups]))
+
+    module = tiny_module(lr=lr, warmup_steps=warmup, scheduler="cosine")
+    callback = Recording(dense_steps=dense, num_entries=300, delta_path=None)
+    fit_tiny(module, tiny_data(), callbacks=[callback, Record()], max_steps=total, max_epochs=total)
+    assert callback.stage == 1 and callback.optimizer_state_size == 0  # phase 2 ran, with fresh moments
+    assert [step for step, _ in seen] == list(range(total))
+    for step, lrs in seen:
+        assert all(math.isclose(value, lr * factor(step), rel_tol=1e-9) for value in lrs), (step, lrs)
