@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from zoo import backbone, decoding
 from zoo.errors import ConfigError, TrainingError
 from zoo.kernels.selected_ce import IGNORE_INDEX, selected_linear_cross_entropy
-from zoo.modules.adapters.base import Adapter
+from zoo.modules.adapters.base import Adapter, outermost_init_args
 from zoo.registry import register
 
 Reduction = Literal["token_mean", "weight_mean", "sequence_mean", "sum"]
@@ -60,16 +60,6 @@ class TokenSelector(Protocol):
     """A callback that weights or selects the tokens that train (shape (B, T), target-aligned)."""
 
     def select(self, module: CausalLMModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor: ...
-
-
-def given_arguments(init: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword form of a constructor call (positional arguments named, ``**kwargs`` flattened)."""
-    import inspect
-
-    bound = inspect.signature(init).bind_partial(None, *args, **kwargs).arguments
-    bound.pop(next(iter(bound)), None)  # self
-    extra = next((name for name, p in inspect.signature(init).parameters.items() if p.kind is p.VAR_KEYWORD), None)
-    return {**{k: v for k, v in bound.items() if k != extra}, **(bound.get(extra) or {})}
 
 
 def target_mask(labels: Tensor) -> Tensor:
@@ -153,13 +143,6 @@ class StepOutputs:
 class CausalLMModule(L.LightningModule):
     """Supervised fine-tuning (SFT) of a causal LM, with token-selector and objective hooks."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> CausalLMModule:
-        self = super().__new__(cls)
-        # The arguments exactly as the caller gave them (what rebuilds this module from its export); the
-        # hparams also hold what intermediate classes passed to their parents.
-        object.__setattr__(self, "_given_args", given_arguments(cls.__init__, args, kwargs))
-        return self
-
     def __init__(
         self,
         model: str = backbone.SMOLLM2,
@@ -193,6 +176,7 @@ class CausalLMModule(L.LightningModule):
                 :class:`zoo.modules.adapters.Adapter` from YAML (``class_path`` / ``init_args``); default none.
         """
         super().__init__()
+        self._given_args = outermost_init_args(self)
         self.save_hyperparameters(ignore=["adapter"])
         self.hparams["adapter"] = adapter.config() if adapter is not None else None  # plain data, YAML shape
         self.adapter = adapter if adapter is not None else Adapter()

@@ -31,6 +31,7 @@ as a submodule), so no parameter is registered twice.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,18 +43,30 @@ from zoo import backbone
 from zoo.decoding import Prefill, position_ids_from_mask
 
 
+def outermost_init_args(obj: object) -> dict[str, Any]:
+    """The arguments of the outermost ``__init__`` running on ``obj`` (keyword form, ``**kwargs`` flattened):
+    exactly what the caller passed, not what intermediate classes pass to their parents. Call it from an
+    ``__init__``."""
+    frame, outer = inspect.currentframe(), None
+    while frame is not None:
+        if frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is obj:
+            outer = frame
+        frame = frame.f_back
+    if outer is None:
+        return {}
+    info = inspect.getargvalues(outer)
+    args = {name: info.locals[name] for name in info.args[1:]}
+    if info.keywords:
+        args.update(info.locals[info.keywords])
+    return args
+
+
 class Adapter(nn.Module):
     """The identity adapter (plain fine-tuning of whatever the objective trains); the base of all others."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Adapter:
-        from zoo.modules.base import given_arguments
-
-        self = super().__new__(cls)
-        object.__setattr__(self, "_init_args", given_arguments(cls.__init__, args, kwargs))
-        return self
-
     def __init__(self) -> None:
         super().__init__()
+        self._init_args = outermost_init_args(self)
         self._model_ref: list[nn.Module] = []
         self.tokenizer: Any = None
 

@@ -90,10 +90,12 @@ class DPOModule(CausalLMModule):
             return
         policy = self.model
         self.model = self.reference_model
+        self.adapter.bind(self.reference_model, self.tokenizer)
         try:
             yield
         finally:
             self.model = policy
+            self.adapter.bind(policy, self.tokenizer)
 
     def reference_token_logps(self, batch: dict[str, Tensor], weights: Tensor) -> Tensor:
         """(2B, T) target-aligned ``weights * log pi_ref(x_t | x_<t)``, no gradient."""
