@@ -33,7 +33,8 @@ Differs from the official code
 
 DDP: quantiles, bisection, top-up and the global token budget are computed per rank over its own
 micro-batch (no all-gather), exactly like the official per-device trainer; a rank's batch below
-``min_batch_size`` trains on every token (quantiles of a few samples are degenerate).
+``min_batch_size`` trains on every token (quantiles of a few samples are degenerate): rank zero warns
+once, and ``qtuning/active`` (logged every step, 1 = pruned, 0 = trained whole) shows which steps did.
 
 Modes (``scoring``): ``training_forward`` (default, the official code) scores on the detached
 statistics of the training forward, so pruned tokens save only the LM head; ``separate_pass`` (the
@@ -54,6 +55,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from zoo.modules.base import StepOutputs, target_mask
@@ -229,7 +231,7 @@ class QTuningCallback(Callback):
             bisect_iterations: maximum bisection iterations on the quantile (code 10).
             bisect_tolerance: stop when the kept fraction is within this of sample_ratio (code 0.01).
             max_quantile: upper end of the quantile search range (code 0.49).
-            min_batch_size: smaller micro-batches are trained whole (quantiles would be degenerate).
+            min_batch_size: smaller micro-batches are trained whole (quantiles would be degenerate; warned once).
             max_nll: clamp of nll before exp (overflow guard).
             scoring: ``training_forward`` (code: score on the training forward) or ``separate_pass`` (a no-grad
                 scoring pass, then train on the kept samples only: the compute-saving mode).
@@ -245,6 +247,7 @@ class QTuningCallback(Callback):
         self.scoring = scoring
         self.last_triage: Triage | None = None
         self._pending: Tensor | None = None
+        self._warned_small_batch = False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Tensor],
                              batch_idx: int) -> None:
@@ -272,7 +275,15 @@ class QTuningCallback(Callback):
         """(B, T) 0/1 weights after sample triage and Q2 token pruning, from ``outputs``' detached statistics."""
         attention = batch["attention_mask"]
         response = target_mask(batch["labels"]) & attention.bool()
-        if response.shape[0] < self.min_batch_size:
+        active = response.shape[0] >= self.min_batch_size
+        if module._trainer is not None:
+            module.log("qtuning/active", float(active))
+        if not active:
+            if not self._warned_small_batch:
+                self._warned_small_batch = True
+                rank_zero_warn(f"Q-Tuning: a batch of {response.shape[0]} is below min_batch_size="
+                               f"{self.min_batch_size}; such batches train on every token (plain SFT). "
+                               "Raise the batch size or lower min_batch_size; qtuning/active logs 0 on them.")
             return torch.ones_like(response, dtype=torch.float32)
         nll = outputs.per_token_loss()
         if self.entropy_positions == "all":

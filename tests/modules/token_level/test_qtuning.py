@@ -190,3 +190,28 @@ def test_separate_pass_trains_only_kept_samples_with_the_same_weights_and_loss(t
         loss = module.compute_loss(batch, outputs, target_mask(batch["labels"]) * weights)
     assert torch.equal(weights, simple_weights[kept])
     torch.testing.assert_close(loss, simple_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_small_batches_train_whole_with_one_warning_and_a_logged_flag(tiny_module, tiny_data, fit_tiny):
+    import warnings
+
+    import lightning as L
+
+    sizes, active = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sizes.append(batch["input_ids"].shape[0])
+            active.append(float(trainer.callback_metrics["qtuning/active"]))
+
+    callback = QTuningCallback(sample_ratio=0.5, min_batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = tiny_data(batch_size=4, num_train=16, max_length=256)  # 11 rows: batches of 4, 4, 3
+        fit_tiny(tiny_module(), data, callbacks=[callback, Record()], max_steps=6, max_epochs=2)
+    assert 4 in sizes and any(size < 4 for size in sizes)  # full and short batches both ran
+    assert active == [float(size >= 4) for size in sizes]
+    small = [w for w in caught if "min_batch_size" in str(w.message)]
+    assert len(small) == 1  # once, not once per short batch
+    message = str(small[0].message)
+    assert "min_batch_size=4" in message and f"batch of {min(sizes)}" in message
