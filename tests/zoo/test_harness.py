@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from zoo.datamodules.sft import extract_final_answer, render_prompt_ids
 from zoo.harness.bench import markdown, mean_std, method_name, summarize
@@ -57,37 +56,6 @@ def test_generation_matches_a_hand_written_greedy_loop(sharp_tiny):
             ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     expected = cut_at_eos(ids[0, -8:].tolist(), {tokenizer.eos_token_id})
     assert generate_ids(model, tokenizer, [PROMPTS[0], prompt], max_new_tokens=8)[1] == expected
-
-
-class ScriptedLM(nn.Module):
-    """A stand-in with ``generate``: appends a fixed continuation and records what it was given."""
-
-    def __init__(self, continuation: list[int]):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-        self.continuation = continuation
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def generate(self, input_ids, attention_mask, generation_config):
-        self.seen.append((input_ids, attention_mask))
-        tail = torch.tensor(self.continuation).expand(input_ids.shape[0], -1)
-        return torch.cat([input_ids, tail], dim=1)
-
-
-def test_generate_returns_only_new_text_cut_at_eos_with_left_padding():
-    from zoo import backbone
-
-    tokenizer = backbone.byte_tokenizer()
-    eos = tokenizer.eos_token_id
-    hi = tokenizer("hi", add_special_tokens=False)["input_ids"]
-    model = ScriptedLM(hi + [eos] + hi)
-    out = generate(model, tokenizer, ["short", "a much longer prompt"], max_new_tokens=5)
-    assert out == ["hi", "hi"]
-    (input_ids, mask), = model.seen
-    lengths = [len(render_prompt_ids(tokenizer, p)) for p in ["short", "a much longer prompt"]]
-    assert mask.sum(1).tolist() == sorted(lengths)  # sorted by length, one batch
-    assert mask[0, : lengths[1] - lengths[0]].sum() == 0 and mask[0, -1] == 1  # padding on the LEFT
-    assert (input_ids[0, : lengths[1] - lengths[0]] == tokenizer.pad_token_id).all()
 
 
 def test_left_pad_and_cut_at_eos():
@@ -191,26 +159,28 @@ def test_method_name_comes_from_the_registry_else_the_stem(tmp_path):
     assert method_name(tmp_path / "my-experiment.yaml") == "my-experiment"
 
 
-def test_bench_generation_uses_the_module_hooks(tiny_module):
+def test_bench_generation_goes_through_generate_text_with_the_system_prompt(tiny_module):
     from zoo.harness.generation import generate_for_module
     from zoo.modules import CausalLMModule
 
     class TextHook(CausalLMModule):
-        def generate_text(self, prompts, max_new_tokens=256):
-            return [f"text:{p}:{max_new_tokens}" for p in prompts]
-
-    class CompletionHook(CausalLMModule):
-        def generate_completions(self, prompts, max_new_tokens, system_prompt, batch_size):
-            return [f"completions:{p}:{system_prompt}:{batch_size}" for p in prompts]
+        def generate_text(self, prompts, max_new_tokens=256, system_prompt=None, batch_size=16, **sampling):
+            return [f"text:{p}:{max_new_tokens}:{system_prompt}:{batch_size}" for p in prompts]
 
     prompts = ["a", "b", "c"]
-    assert generate_for_module(tiny_module(cls=TextHook), prompts, max_new_tokens=5, batch_size=2) == [
-        "text:a:5", "text:b:5", "text:c:5"]
-    assert generate_for_module(tiny_module(cls=CompletionHook), prompts, system_prompt="S", batch_size=2) == [
-        "completions:a:S:2", "completions:b:S:2", "completions:c:S:2"]
+    assert generate_for_module(tiny_module(cls=TextHook), prompts, max_new_tokens=5, system_prompt="S",
+                               batch_size=2) == ["text:a:5:S:2", "text:b:5:S:2", "text:c:5:S:2"]
+
+
+def test_module_generation_equals_the_bare_decoder_and_uses_the_system_prompt(tiny_module, sharp_tiny):
+    from zoo.harness.generation import generate_for_module
+
     plain = tiny_module()
-    assert generate_for_module(plain, prompts, max_new_tokens=4) == generate(plain.model, plain.tokenizer, prompts,
-                                                                             max_new_tokens=4)
+    plain.model.load_state_dict(sharp_tiny[0].state_dict())
+    prompts = PROMPTS[:3]
+    ours = generate_for_module(plain, prompts, max_new_tokens=6, system_prompt="Be brief.")
+    assert ours == generate(plain.model, plain.tokenizer, prompts, max_new_tokens=6, system_prompt="Be brief.")
+    assert ours != generate(plain.model, plain.tokenizer, prompts, max_new_tokens=6)  # the system prompt counts
 
 
 def test_bench_generation_runs_hooks_in_eval_mode_and_restores_the_mode(tiny_module):
@@ -218,7 +188,7 @@ def test_bench_generation_runs_hooks_in_eval_mode_and_restores_the_mode(tiny_mod
     from zoo.modules import CausalLMModule
 
     class ModeProbe(CausalLMModule):
-        def generate_text(self, prompts, max_new_tokens=256):
+        def generate_text(self, prompts, max_new_tokens=256, system_prompt=None, batch_size=16, **sampling):
             return [str(self.training) for _ in prompts]
 
     module = tiny_module(cls=ModeProbe)
