@@ -1,17 +1,20 @@
 """The shared soft-prompt mechanism: virtual tokens in front of (or inside) the input of a frozen LM.
 
 Every prompt-style method in the zoo (prompt tuning, prefix tuning, DePT, EPT, IAPT, APT, ProMoT,
-PANDA) subclasses :class:`SoftPromptModule` and overrides one or more of its hooks:
+PANDA) is a :class:`SoftPromptAdapter` (an :class:`~zoo.modules.adapters.Adapter`, so any objective
+takes it from YAML: ``adapter: {class_path: zoo.modules.adapters.PromptTuning, ...}``) and overrides
+one or more of its hooks:
 
 ``prompt_embeddings(batch_size)``        (B, m, H) shallow virtual tokens, or None
 ``input_embeddings(embeds, positions)``  transform the real tokens' embeddings (DePT's offset)
 ``prefix_cache(batch_size)``             a ``transformers`` Cache pre-filled with per-layer prefix
                                          key/values (deep prompts / prefix tuning), or None
 ``insert_positions(batch)``              where the virtual tokens go, per row (default 0: prepend)
+``generation_insert_positions(ids, mask)``  the same for a left-padded generation prompt
 
 Conventions
-    * The backbone is frozen in ``configure_backbone``; only the method's own modules train.
-    * Virtual tokens never carry a label: :meth:`SoftPromptModule.forward_hidden` returns hidden
+    * The backbone is frozen in ``attach``; only the adapter's own modules train.
+    * Virtual tokens never carry a label: :meth:`SoftPromptAdapter.hidden_states` returns hidden
       states for the REAL positions only, so ``labels``/``segments`` and every TokenSelector keep
       the batch's own (B, T) layout and the virtual positions are implicitly -100.
     * Position ids are ``cumsum(attention_mask) - 1`` over the full (virtual + real) sequence, so
@@ -19,12 +22,17 @@ Conventions
       positions to the same real tokens (what makes cached generation match training).
     * Deep prompts live in the model's cache object (``cache=``, transformers >= 5): a fresh
       ``DynamicCache`` pre-filled with the prefix key/values per forward, so gradients reach them.
-    * :meth:`SoftPromptModule.generate` is a greedy decoder that goes through the same hooks, with
-      or without the KV cache (the two agree; see the tests).
+    * Generation is the zoo's one decoder (:mod:`zoo.decoding`, through ``CausalLMModule.generate_text``):
+      the adapter hands it the first forward's inputs (:meth:`SoftPromptAdapter.prefill`: virtual tokens
+      inserted, prefix cache) and the embeddings of each new token (:meth:`SoftPromptAdapter.step_embeddings`).
+    * ``export_extras`` writes ``prompt.pt`` (every prompt tensor, named as in the adapter's state dict)
+      for prompt transfer (``init_prompt``); ``zoo.load`` restores the run from ``zoo_state`` itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +41,9 @@ from torch import Tensor, nn
 
 from zoo import backbone
 from zoo.datamodules.sft import SEGMENT_PROMPT
-from zoo.modules.base import CausalLMModule
+from zoo.decoding import Prefill, position_ids_from_mask
+from zoo.errors import ConfigError
+from zoo.modules.adapters.base import Adapter
 
 PromptInit = Literal["vocab", "random"]
 
@@ -59,11 +69,6 @@ def insert_virtual(embeds: Tensor, mask: Tensor, prompt: Tensor, at: Tensor) -> 
     t = torch.arange(length, device=embeds.device).unsqueeze(0)
     real_index = t + m * (t >= at).long()
     return out, full_mask, real_index
-
-
-def position_ids_from_mask(mask: Tensor) -> Tensor:
-    """(B, T) positions ``cumsum(mask) - 1`` (clamped at 0 on leading padding)."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def predicting_columns(real_index: Tensor) -> Tensor:
@@ -126,8 +131,11 @@ def vocab_init(model: nn.Module, count: int, seed: int = 0) -> Tensor:
     return table[ids.to(table.device)].float().cpu()
 
 
-# ---------------------------------------------------------------------------- the module
-class SoftPromptModule(CausalLMModule):
+# ---------------------------------------------------------------------------- the adapter
+PROMPT_FILE = "prompt.pt"
+
+
+class SoftPromptAdapter(Adapter):
     """A frozen causal LM steered by soft prompts: ``num_virtual_tokens`` shallow or deep (prefix) tokens."""
 
     def __init__(
@@ -137,7 +145,6 @@ class SoftPromptModule(CausalLMModule):
         prompt_init: PromptInit = "vocab",
         init_seed: int = 0,
         init_prompt: str | None = None,
-        **kwargs: Any,
     ) -> None:
         """
         Args:
@@ -146,29 +153,30 @@ class SoftPromptModule(CausalLMModule):
             prompt_init: ``vocab`` (embeddings of sampled vocabulary tokens) or ``random`` (N(0, 0.02)).
             init_seed: seed of the prompt initialisation (independent of the global seed).
             init_prompt: a ``prompt.pt`` (from an export) to start from: prompt transfer (PoT).
-            **kwargs: the CausalLMModule arguments (model, lr, ...).
         """
+        super().__init__()
+        if num_virtual_tokens < 0:
+            raise ConfigError(f"num_virtual_tokens must be >= 0, got {num_virtual_tokens}")
+        if prompt_init not in ("vocab", "random"):
+            raise ConfigError(f"prompt_init must be 'vocab' or 'random', got {prompt_init!r}")
         self._prompt_args = dict(num_virtual_tokens=num_virtual_tokens, deep=deep, prompt_init=prompt_init,
                                  init_seed=init_seed, init_prompt=init_prompt)
-        super().__init__(**kwargs)
+        self.soft_prompt: SoftPrompt | None = None
+        self.prefix: PrefixKV | None = None
+        self.use_prompt = True
 
     # ------------------------------------------------------------------ construction
-    def configure_backbone(self, model: nn.Module) -> nn.Module:
+    def attach(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+        """Freeze the backbone, build the prompt modules, load ``init_prompt`` if given."""
+        self.bind(model, tokenizer)
         model.requires_grad_(False)
         self.build_prompt(model)
-        if self._prompt_args["init_prompt"]:
-            self.load_prompt_state(torch.load(self._prompt_args["init_prompt"], map_location="cpu", weights_only=True))
+        path = self._prompt_args["init_prompt"]
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(f"init_prompt {path!r} does not exist; point it at an export's {PROMPT_FILE}")
+            self.load_prompt_state(torch.load(path, map_location="cpu", weights_only=True))
         return model
-
-    def load_prompt_state(self, state: dict[str, Tensor]) -> None:
-        """Copy saved prompt tensors into the matching trainable parameters (names and shapes must match)."""
-        params = dict(self.named_parameters())
-        for name, value in state.items():
-            if name not in params or params[name].shape != value.shape:
-                raise ValueError(f"saved prompt tensor {name!r} {tuple(value.shape)} does not match this module's "
-                                 f"parameters ({ {n: tuple(p.shape) for n, p in params.items() if p.requires_grad} })")
-            with torch.no_grad():
-                params[name].copy_(value)
 
     def build_prompt(self, model: nn.Module) -> None:
         """Create the trainable prompt modules (subclasses add their own after calling this)."""
@@ -185,6 +193,18 @@ class SoftPromptModule(CausalLMModule):
                 self.soft_prompt = SoftPrompt(m, hidden, init) if m > 0 else None
                 self.prefix = None
         self.use_prompt = True
+
+    def load_prompt_state(self, state: dict[str, Tensor]) -> None:
+        """Copy saved prompt tensors into this adapter's matching tensors (names and shapes must match)."""
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        for name, value in state.items():
+            if name not in own or own[name].shape != value.shape:
+                shapes = {n: tuple(p.shape) for n, p in own.items()}
+                raise ConfigError(f"saved prompt tensor {name!r} {tuple(value.shape)} does not match this adapter's "
+                                  f"tensors {shapes}; start from a prompt of the same method and sizes")
+            with torch.no_grad():
+                own[name].copy_(value)
 
     # ------------------------------------------------------------------ hooks
     def prompt_embeddings(self, batch_size: int) -> Tensor | None:
@@ -205,6 +225,10 @@ class SoftPromptModule(CausalLMModule):
     def insert_positions(self, batch: dict[str, Tensor]) -> Tensor:
         """(B,) column before which the shallow virtual tokens go (default 0: prepend)."""
         return torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=batch["input_ids"].device)
+
+    def generation_insert_positions(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Where the virtual tokens go in a left-padded generation prompt (default: in front)."""
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
 
     # ------------------------------------------------------------------ forward
     def build_inputs(self, batch: dict[str, Tensor], insert_at: Tensor | None = None) -> dict[str, Any]:
@@ -239,7 +263,7 @@ class SoftPromptModule(CausalLMModule):
         )
         return out.last_hidden_state
 
-    def forward_hidden(self, batch: dict[str, Tensor]) -> Tensor:
+    def hidden_states(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, T, H) final hidden states aligned with the REAL positions only.
 
         Row t is the hidden state of the column just before real token t+1 (``real_index[t+1] - 1``), the
@@ -251,91 +275,42 @@ class SoftPromptModule(CausalLMModule):
         index = predicting_columns(inputs["real_index"])
         return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
-    def logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B, T, V) logits at the real positions (position t predicts token t+1)."""
-        return self(batch).logits()
-
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 32,
-                 use_cache: bool = True, eos_token_id: int | None = None,
-                 output_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Greedy decoding through the prompt hooks; returns (B, new) ids (EOS-padded after EOS).
-
-        With ``output_scores`` also the (B, new, V) logits of every step.
-
-        Prompts should be LEFT-padded. ``use_cache=False`` re-runs the full forward every step (the
-        reference the cached path is tested against).
-        """
-        eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        batch_size = input_ids.shape[0]
+    # ------------------------------------------------------------------ decoding hooks (zoo.decoding)
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Prefill:
+        """The first forward of a LEFT-padded prompt: virtual tokens inserted where generation puts them, and
+        (deep prompts) a ``DynamicCache`` pre-filled with the prefix, which the decoder then extends."""
         insert_at = self.generation_insert_positions(input_ids, attention_mask)
-        ids, mask = input_ids, attention_mask
-        done = torch.zeros(batch_size, dtype=torch.bool, device=ids.device)
-        new_tokens: list[Tensor] = []
-        scores: list[Tensor] = []
-        cache = full_mask = next_position = None
-        for step in range(max_new_tokens):
-            if not use_cache or step == 0:
-                inputs = self.build_inputs({"input_ids": ids, "attention_mask": mask}, insert_at=insert_at)
-                if use_cache and inputs["cache"] is None:
-                    from transformers import DynamicCache
+        inputs = self.build_inputs({"input_ids": input_ids, "attention_mask": attention_mask}, insert_at=insert_at)
+        return Prefill(inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"], inputs["cache"])
 
-                    inputs["cache"] = DynamicCache(config=backbone.base_model(self.model).config)
-                hidden = self.run_decoder(inputs)
-                last = hidden[:, -1:]  # the last column (real or virtual) predicts the next token
-                cache, full_mask = inputs["cache"], inputs["attention_mask"]
-                next_position = inputs["position_ids"][:, -1:] + 1
-            else:
-                token_pos = position_ids_from_mask(mask)[:, -1:]
-                embeds = self.model.get_input_embeddings()(ids[:, -1:])
-                if self.use_prompt:
-                    embeds = self.input_embeddings(embeds, token_pos)
-                full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
-                out = backbone.decoder(self.model)(
-                    inputs_embeds=embeds, attention_mask=full_mask, position_ids=next_position,
-                    cache=cache, use_cache=True)
-                cache, last = out.cache, out.last_hidden_state
-                next_position = next_position + 1
-            weight, bias = self.lm_head_weight()
-            logits = torch.nn.functional.linear(last[:, -1], weight, bias)
-            scores.append(logits)
-            token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, eos), token)
-            new_tokens.append(token)
-            done |= token == eos
-            ids = torch.cat([ids, token.unsqueeze(1)], 1)
-            mask = torch.cat([mask, torch.ones_like(token).unsqueeze(1)], 1)
-            if done.all():
-                break
-        tokens = torch.stack(new_tokens, 1)
-        return (tokens, torch.stack(scores, 1)) if output_scores else tokens
+    def step_embeddings(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """(B, 1, H) embeddings of the token just generated, through :meth:`input_embeddings` (DePT's offset)."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        return self.input_embeddings(embeds, positions) if self.use_prompt else embeds
 
-    def generation_insert_positions(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Where the virtual tokens go in a left-padded generation prompt (default: in front)."""
-        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-
-    def generate_text(self, prompts: list[str], max_new_tokens: int = 64, use_cache: bool = True) -> list[str]:
-        """Chat-render ``prompts``, left-pad, decode greedily through the prompt; returns completions."""
-        from zoo.datamodules.sft import render_prompt_ids
-
-        rows = [render_prompt_ids(self.tokenizer, p) for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        device = self.device
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        out = self.generate(ids, mask, max_new_tokens=max_new_tokens, use_cache=use_cache)
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+    # ------------------------------------------------------------------ switching off
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the frozen backbone without the prompt (``use_prompt = False``)."""
+        previous = self.use_prompt
+        self.use_prompt = False
+        try:
+            yield
+        finally:
+            self.use_prompt = previous
 
     # ------------------------------------------------------------------ export
-    def export(self, directory: str | Path) -> Path:
-        """The frozen backbone's export plus ``prompt.pt``: the trainable prompt tensors."""
-        directory = super().export(directory)
-        if self._trainer is None or self.trainer.is_global_zero:
-            state = {name: p.detach().cpu() for name, p in self.trainable_parameters().items()}
-            torch.save(state, Path(directory) / "prompt.pt")
-        return directory
+    def prompt_state(self) -> dict[str, Tensor]:
+        """Every tensor of this adapter (named as in its state dict), on the CPU: what ``prompt.pt`` holds."""
+        return {name: value.detach().cpu().clone() for name, value in self.state_dict().items()}
+
+    def export_extras(self, directory: Path) -> None:
+        """``prompt.pt``: the prompt tensors, for prompt transfer (``init_prompt``) and PANDA."""
+        torch.save(self.prompt_state(), Path(directory) / PROMPT_FILE)
+
+    @property
+    def exports_backbone(self) -> bool:
+        return False
 
 
 def prompt_segment_lengths(batch: dict[str, Tensor]) -> Tensor:
@@ -344,3 +319,12 @@ def prompt_segment_lengths(batch: dict[str, Tensor]) -> Tensor:
         return (batch["segments"] == SEGMENT_PROMPT).sum(1)
     labels, mask = batch["labels"], batch["attention_mask"]
     return ((labels == -100) & (mask == 1)).long().cumprod(1).sum(1)
+
+
+def __getattr__(name: str) -> Any:
+    """``SoftPromptModule``: the pre-adapter module, kept until every prompt method is an adapter."""
+    if name == "SoftPromptModule":
+        from zoo.modules.prompting._legacy_soft_prompt import SoftPromptModule
+
+        return SoftPromptModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
