@@ -18,6 +18,11 @@ Implements
       ``form="per_position_repo"``.
     Scores are computed on the very batch the loss sees (same tokenisation, truncation and padding),
     so the spec's score-alignment pitfall cannot occur; they are cached per (pair index, side).
+    * Evaluation logs cDPO's own objective, ``val|test/cdpo_loss`` with ``cdpo_reward_accuracy`` /
+      ``cdpo_reward_margin`` (the token-weighted rewards), beside DPO's ``dpo_loss`` and sequence-level
+      ``reward_*`` (comparable with the DPO baseline); ``val|test/loss`` stays the chosen-response NLL
+      (the shared meaning, from which ``ppl`` is derived). Without contrast models (an evaluation that
+      did not fit and has no ``contrast_models`` folders) only the DPO metrics are logged, with a warning.
 
 Differs from the paper / official code: the pairs come from the PreferenceDataModule (built-in
 tasks: the worked solution vs a perturbed wrong one) instead of 64 solutions sampled per question
@@ -35,13 +40,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from zoo import backbone
 from zoo.datamodules.preference import split_pairs
 from zoo.errors import ConfigError
 from zoo.modules.base import CausalLMModule, StepOutputs, target_mask
-from zoo.modules.objectives.dpo import DPOModule
+from zoo.modules.objectives.dpo import DPOModule, dpo_loss
 from zoo.modules.peft_module import PeftModule
 from zoo.registry import register
 
@@ -234,6 +240,44 @@ class CDPOModule(DPOModule):
         self._log_rewards("train", chosen_reward, rejected_reward)
         if self._trainer is not None:
             self.log("train/rejected_score", (score_r * mask_r).sum() / mask_r.sum().clamp_min(1.0))
+        return loss
+
+    def _evaluation_contrast(self) -> bool:
+        """Whether evaluation can score tokens: contrast models set, or loadable from ``contrast_models``."""
+        if not self._contrast and self.hparams.contrast_models:
+            self.set_contrast_models(*(_as_model(path) for path in self.hparams.contrast_models))
+        if not self._contrast and not getattr(self, "_warned_no_contrast", False):
+            self._warned_no_contrast = True
+            rank_zero_warn("cDPO evaluation without contrast models (no fit, no contrast_models folders): "
+                           "logging the DPO metrics only, no cdpo_loss")
+        return bool(self._contrast)
+
+    def evaluation_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        """Chosen NLL as ``{stage}/loss``, DPO's loss and rewards, and cDPO's token-weighted loss and rewards."""
+        self._check_pairs(batch)
+        outputs = self(batch)
+        weights = target_mask(batch["labels"]).float()
+        policy = -self.weighted_token_loss(outputs, weights)
+        ratios = policy - self.reference_token_logps(batch, weights)
+        (ratio_c, ratio_r), (policy_c, _), (mask_c, mask_r) = (split_pairs(t) for t in (ratios, policy, weights))
+        pairs = ratio_c.shape[0]
+        chosen_tokens = mask_c.sum()
+        nll = -policy_c.sum() / chosen_tokens.clamp_min(1.0)
+        self.log(f"{stage}/loss", nll, prog_bar=True, batch_size=int(chosen_tokens.item()), sync_dist=True)
+        loss, chosen_reward, rejected_reward = dpo_loss(ratio_c.sum(dim=1), ratio_r.sum(dim=1), self.hparams.beta)
+        self.log(f"{stage}/dpo_loss", loss, batch_size=pairs, sync_dist=True)
+        self._log_rewards(stage, chosen_reward, rejected_reward)
+        if not self._evaluation_contrast():
+            return loss
+        score_c, score_r = split_pairs(self.token_scores(batch))
+        loss, chosen_reward, rejected_reward = cdpo_loss(ratio_c, ratio_r, score_c, score_r, mask_c, mask_r,
+                                                         beta=self.hparams.beta, only_neg=self.hparams.only_neg,
+                                                         form=self.hparams.form)
+        self.log(f"{stage}/cdpo_loss", loss, batch_size=pairs, sync_dist=True)
+        self.log(f"{stage}/cdpo_reward_accuracy", (chosen_reward > rejected_reward).float().mean(),
+                 batch_size=pairs, sync_dist=True)
+        self.log(f"{stage}/cdpo_reward_margin", (chosen_reward - rejected_reward).mean(), batch_size=pairs,
+                 sync_dist=True)
         return loss
 
 

@@ -123,3 +123,67 @@ def test_fit_trains_its_own_contrast_models(tiny_module, pref_data, fit_tiny):
     module = tiny_module(cls=CDPOModule, contrast_steps=2, form="per_position_repo")
     fit_tiny(module, pref_data, max_steps=1)
     assert len(module._contrast) == 2
+
+
+def _perturbed(model, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def _target_logps(model, batch):
+    """(2B, T) target-aligned log p(x_t | x_<t) of the supervised tokens, by hand from the HF logits."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"]
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    return torch.nn.functional.pad(logp, (1, 0)) * target_mask(labels)
+
+
+def test_validation_logs_the_cdpo_loss_of_the_contrast_scores_not_plain_dpo(pref_data, tiny_module, tmp_path):
+    import lightning as L
+
+    module = tiny_module(cls=CDPOModule, beta=0.5)
+    _perturbed(module.model, 1)  # policy != reference, so the log-ratios are not zero
+    # briefly trained contrast models: scores well away from 0 (random models give ~1/vocab everywhere)
+    positive, negative = train_contrast_models(pref_data, "tiny-llama", steps=30, lr=3e-3, peft_config={})
+    module.set_contrast_models(positive, negative)
+    loader = pref_data._loader("val", shuffle=False)
+    assert len(loader) == 1  # one batch: the logged epoch value is this batch's
+    batch = next(iter(loader))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(module, dataloaders=loader)
+    logged = trainer.callback_metrics
+
+    ratios = _target_logps(module.model, batch) - _target_logps(module.reference_model, batch)
+    with torch.no_grad():  # s_t = softmax(2 z_p - z_n)[y_t], target-aligned, by hand
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        mixed = 2 * positive(**inputs).logits.double() - negative(**inputs).logits.double()
+    labels = batch["labels"]
+    scores = mixed[:, :-1].softmax(-1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    scores = torch.nn.functional.pad(scores, (1, 0)) * target_mask(labels)
+    mask = target_mask(labels).double()
+    assert 0.05 < float(scores[mask > 0].mean()) < 0.95  # the token weights are neither all 1 nor all 0
+    (ratio_c, ratio_r), (score_c, score_r), (mask_c, mask_r) = (split_pairs(t) for t in (ratios, scores, mask))
+    expected = cdpo_loss(ratio_c, ratio_r, score_c, score_r, mask_c, mask_r, beta=0.5)[0]
+    plain = dpo_loss(ratio_c.sum(1), ratio_r.sum(1), beta=0.5)[0]
+    assert not torch.isclose(expected, plain, atol=1e-3)
+    assert torch.isclose(logged["val/cdpo_loss"].double(), expected, atol=1e-5)
+    assert torch.isclose(logged["val/dpo_loss"].double(), plain, atol=1e-5)  # DPO's metrics are kept
+    assert {"val/reward_accuracy", "val/reward_margin", "val/cdpo_reward_margin", "val/loss"} <= set(logged)
+    nll = -(split_pairs(_target_logps(module.model, batch))[0].sum() / mask_c.sum())
+    assert torch.isclose(logged["val/loss"].double(), nll, atol=1e-5)  # val/loss stays the chosen NLL
+
+
+def test_evaluation_without_contrast_models_logs_dpo_metrics_and_warns(pref_data, tiny_module, tmp_path):
+    import lightning as L
+
+    module = tiny_module(cls=CDPOModule)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="without contrast models"):
+        trainer.validate(module, dataloaders=pref_data._loader("val", shuffle=False))
+    assert "val/dpo_loss" in trainer.callback_metrics and "val/cdpo_loss" not in trainer.callback_metrics
