@@ -7,10 +7,17 @@ Implements ``L = -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log
 averaged over pairs, on :class:`zoo.datamodules.preference.PreferenceDataModule` batches (2B rows,
 chosen first). Per-token log-probs come from the shared pieces: ``self(batch)`` (one forward over
 chosen + rejected rows) and ``weighted_token_loss`` (the selected-CE head), so token selectors
-still apply: a token with selector weight w contributes ``w * log p``. The reference is a frozen
-copy of the initial policy, a checkpoint folder (``reference``), or, with ``peft_config``, the base
-model with the adapters disabled. Logs ``train|val/reward_accuracy`` and ``reward_margin`` (implicit
-rewards ``beta * log-ratio``).
+still apply: a token with selector weight w contributes ``w * log p``. The policy is wrapped by any
+``adapter`` from YAML (LoRA, prompt tuning, DePT, ...; ``CausalLMModule``'s argument). The reference is
+always a model WITHOUT the adapter:
+
+* ``reference: FOLDER``: that checkpoint, frozen;
+* else, when the adapter can be switched off (:meth:`Adapter.disabled`: peft, soft prompts): the same
+  backbone with the adapter off, no second copy of the weights;
+* else (no adapter, or one that cannot be switched off): a frozen deep copy of the initial backbone,
+  taken before the adapter attaches.
+
+Logs ``train|val/reward_accuracy`` and ``reward_margin`` (implicit rewards ``beta * log-ratio``).
 
 Differs from common implementations (TRL): no label smoothing / IPO / robust variants; the
 reference log-probs are recomputed every step instead of precomputed once.
@@ -19,6 +26,7 @@ reference log-probs are recomputed every step instead of precomputed once.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,8 +37,8 @@ from torch import Tensor, nn
 from zoo import backbone
 from zoo.datamodules.preference import split_pairs
 from zoo.errors import ConfigError
+from zoo.modules.adapters.base import Adapter
 from zoo.modules.base import CausalLMModule, StepOutputs, target_mask
-from zoo.modules.peft_module import PeftModule
 from zoo.registry import register
 
 
@@ -46,34 +54,56 @@ def dpo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) 
     return loss, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
-class DPOModule(CausalLMModule):
-    """Sequence-level DPO against a frozen reference model, on PreferenceDataModule batches."""
+def can_switch_off(adapter: Adapter) -> bool:
+    """Whether ``adapter.disabled()`` runs the backbone without it (False for the identity adapter)."""
+    if adapter.is_identity:
+        return False
+    try:
+        with adapter.disabled():
+            pass
+    except NotImplementedError:
+        return False
+    return True
 
-    def __init__(self, beta: float = 0.1, reference: str | None = None,
-                 peft_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+
+class DPOModule(CausalLMModule):
+    """Sequence-level DPO against a frozen, adapter-free reference model, on PreferenceDataModule batches."""
+
+    def __init__(self, beta: float = 0.1, reference: str | None = None, **kwargs: Any) -> None:
         """
         Args:
             beta: DPO temperature beta (KL strength); 0.1 as in the paper's and cDPO's settings.
-            reference: folder of the reference model; default a frozen copy of the initial policy (or,
-                with ``peft_config``, the base model with adapters disabled).
-            peft_config: optional peft config dict (e.g. LoRA) for the policy; the reference is then the
-                adapter-free base, with no second copy of the weights.
-            **kwargs: the CausalLMModule arguments (model, lr, ...).
+            reference: folder of the reference model; default the initial backbone without the adapter (the
+                policy's own weights with the adapter switched off where it can be, else a frozen copy).
+            **kwargs: the CausalLMModule arguments (model, lr, adapter, ...).
         """
-        self._peft_config = dict(peft_config) if peft_config else None
+        if "peft_config" in kwargs:
+            raise ConfigError("DPOModule takes no peft_config: give the policy an adapter instead, e.g. "
+                              "adapter: {class_path: zoo.modules.adapters.LoRA, init_args: {r: 8}}")
+        self._reference_folder = reference
+        self.reference_model: nn.Module | None = None
         super().__init__(**kwargs)
-        if self._peft_config is not None:
-            self.reference_model: nn.Module | None = None
-        else:
-            ref = backbone.load(reference, dtype=self.hparams.dtype)[0] if reference else copy.deepcopy(self.model)
-            ref.requires_grad_(False)
-            self.reference_model = ref.eval()
+        if reference:
+            self._set_reference(backbone.load(reference, dtype=self.hparams.dtype)[0])
+        elif self.reference_model is None and not can_switch_off(self.adapter):
+            raise ConfigError(f"{type(self.adapter).__name__} could not be switched off after attaching (its "
+                              "disabled() raised NotImplementedError): give DPO a reference folder "
+                              "(model.init_args.reference)")
 
     # ------------------------------------------------------------------ hooks
     def configure_backbone(self, model: nn.Module) -> nn.Module:
-        if self._peft_config is None:
-            return model
-        return PeftModule.configure_backbone(self, model)  # the shared peft wrapping, same config format
+        """Copy the adapter-free initial backbone as the reference when the adapter cannot be switched off
+        (decided here, before the adapter attaches; adapters that override ``disabled`` are switchable)."""
+        model = super().configure_backbone(model)
+        switchable = not self.adapter.is_identity and type(self.adapter).disabled is not Adapter.disabled
+        if not self._reference_folder and not switchable:
+            self._set_reference(copy.deepcopy(model))
+        return model
+
+    def _set_reference(self, model: nn.Module) -> None:
+        self.reference_model = model.requires_grad_(False).eval()
+        self._reference_adapter = Adapter()  # the reference runs plain: no adapter, no virtual tokens
+        self._reference_adapter.bind(model, self.tokenizer)
 
     def train(self, mode: bool = True) -> DPOModule:
         super().train(mode)
@@ -82,20 +112,19 @@ class DPOModule(CausalLMModule):
         return self
 
     @contextmanager
-    def _reference(self):
-        """Run the shared forward / LM-head code on the reference model."""
+    def _reference(self) -> Iterator[None]:
+        """Run the shared forward / LM-head code on the reference: the adapter switched off, or the frozen
+        reference model through a plain (identity) adapter."""
         if self.reference_model is None:
-            with self.model.disable_adapter():
+            with self.adapter.disabled():
                 yield
             return
-        policy = self.model
-        self.model = self.reference_model
-        self.adapter.bind(self.reference_model, self.tokenizer)
+        policy, adapter = self.model, self.adapter
+        self.model, self.adapter = self.reference_model, self._reference_adapter
         try:
             yield
         finally:
-            self.model = policy
-            self.adapter.bind(policy, self.tokenizer)
+            self.model, self.adapter = policy, adapter
 
     def reference_token_logps(self, batch: dict[str, Tensor], weights: Tensor) -> Tensor:
         """(2B, T) target-aligned ``weights * log pi_ref(x_t | x_<t)``, no gradient."""
