@@ -7,17 +7,26 @@ import copy
 import os
 import subprocess
 import sys
+from dataclasses import fields
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from zoo import backbone
+from zoo.errors import ConfigError
 from zoo.modules.sparse.lemo import (
     BlockPatternPredictor,
     ChannelSparseMLP,
+    ElasticOptions,
+    KernelOptions,
     LeMoSparseStrategy,
+    MLPOptions,
+    PredictorOptions,
+    SelectionOptions,
     apply_causal_fix,
     column_scores,
     layer_keep_fractions,
@@ -45,7 +54,7 @@ def test_keep_all_blocks_through_compacted_path_equals_dense_forward_and_backwar
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 64))
     dense, sparse = tiny(), tiny()
-    strategy = LeMoSparseStrategy(block_size=8, schedule="constant", keep_ratio=0.5)
+    strategy = LeMoSparseStrategy(SelectionOptions(block_size=8, schedule="constant", keep_ratio=0.5))
     strategy.apply(sparse)
     for wrapper in strategy.wrappers:  # every block kept, but routed through gather / compact / scatter
         wrapper.keep_fraction, wrapper.bypass_dense = 1.0, False
@@ -62,7 +71,7 @@ def test_keep_all_blocks_through_compacted_path_equals_dense_forward_and_backwar
 
 def test_each_sparse_layer_processes_exactly_the_scheduled_number_of_blocks():
     model = tiny()
-    strategy = LeMoSparseStrategy(block_size=8, keep_fractions=[0.5, 0.3])
+    strategy = LeMoSparseStrategy(SelectionOptions(block_size=8, keep_fractions=[0.5, 0.3]))
     strategy.apply(model)
     rows = {}
     for idx, layer in enumerate(backbone.decoder_layers(model)):
@@ -75,13 +84,14 @@ def test_each_sparse_layer_processes_exactly_the_scheduled_number_of_blocks():
 
 def test_eliminated_tokens_pass_attention_unchanged_and_send_no_gradient():
     model = tiny()
-    strategy = LeMoSparseStrategy(block_size=8, keep_fractions=[0.25, 1.0])
+    strategy = LeMoSparseStrategy(SelectionOptions(block_size=8, keep_fractions=[0.25, 1.0]))
     strategy.apply(model)
     layer = backbone.decoder_layers(model)[0]
     seen = {}
-    layer.register_forward_pre_hook(lambda _m, args, kw: seen.__setitem__("in", (args or (kw["hidden_states"],))[0]),
-                                    with_kwargs=True)
-    layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: seen.__setitem__("mid", args[0]))
+    layer.register_forward_pre_hook(
+        lambda _m, args, kw: seen.__setitem__("in", (args or (kw["hidden_states"],))[0]), with_kwargs=True)
+    layer.post_attention_layernorm.register_forward_pre_hook(
+        lambda _m, args: seen.__setitem__("mid", args[0]))
     model(input_ids=torch.randint(0, 256, (2, 64)), use_cache=False)
     kept = torch.zeros(2, 64, dtype=torch.bool)
     index = strategy.wrappers[0]._cache[1]
@@ -104,7 +114,7 @@ def test_eliminated_tokens_pass_attention_unchanged_and_send_no_gradient():
 def test_compacted_attention_with_original_positions_equals_dense_attention_with_mask():
     torch.manual_seed(1)
     model = tiny()
-    strategy = LeMoSparseStrategy(block_size=8, schedule="constant", keep_ratio=0.5)
+    strategy = LeMoSparseStrategy(SelectionOptions(block_size=8, schedule="constant", keep_ratio=0.5))
     wrapper = strategy.apply(model)[0]
     hidden, cos_sin = torch.randn(1, 64, 64), rope(model, 64)
     keep = torch.tensor([[0, 3, 4, 7]])
@@ -125,9 +135,8 @@ def test_compacted_attention_with_original_positions_equals_dense_attention_with
 
 def test_oracle_block_scores_match_a_hand_computation_and_one_large_score_keeps_its_block():
     lower = torch.tensor([[[1.0, 0.0], [2.0, 3.0]]])
-    torch.testing.assert_close(column_scores(apply_causal_fix(lower, "symmetrize")), torch.tensor([[3.0, 5.0]]))
-    torch.testing.assert_close(column_scores(apply_causal_fix(lower, "none")), torch.tensor([[3.0, 3.0]]))
-    torch.testing.assert_close(column_scores(apply_causal_fix(lower, "count_norm")), torch.tensor([[1.5, 3.0]]))
+    for fix, expected in (("symmetrize", [3.0, 5.0]), ("none", [3.0, 3.0]), ("count_norm", [1.5, 3.0])):
+        torch.testing.assert_close(column_scores(apply_causal_fix(lower, fix)), torch.tensor([expected]))
     # One head, d = 1, blocks of 2, causal: block 1 holds one key (token 2) with a huge score; it wins
     # although its other key (token 3) scores negative everywhere.
     q = torch.tensor([1.0, 1.0, 1.0, 1.0]).view(1, 1, 4, 1)
@@ -183,13 +192,15 @@ def test_trained_predictor_recall_beats_random_selection():
 
 def test_strategy_trains_predictors_offline_and_elastic_shrinking_removes_neurons():
     model = tiny()
-    strategy = LeMoSparseStrategy(block_size=8, schedule="constant", keep_ratio=0.5, scorer="predictor",
-                                  predictor_hidden=16, predictor_lr=1e-3, elastic=True, prune_every=3,
-                                  prune_tau=0.0)
+    strategy = LeMoSparseStrategy(
+        SelectionOptions(block_size=8, schedule="constant", keep_ratio=0.5, scorer="predictor"),
+        predictor=PredictorOptions(hidden=16, lr=1e-3),
+        elastic=ElasticOptions(enabled=True, every=3, tau=0.0))
     strategy.apply(model)
     before = sum(p.numel() for p in strategy.predictors.parameters())
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = {"input_ids": torch.randint(0, 256, (2, 64)), "attention_mask": torch.ones(2, 64, dtype=torch.long)}
+    batch = {"input_ids": torch.randint(0, 256, (2, 64)),
+             "attention_mask": torch.ones(2, 64, dtype=torch.long)}
     recalls = strategy.train_predictors(model, [batch], steps=3)
     assert len(recalls) == 3 and all(0.0 <= r <= 1.0 for r in recalls)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # the LLM stays frozen
@@ -240,7 +251,8 @@ def test_saved_activation_bytes_fall_as_keep_falls():
     dense = saved_bytes(model, ids)
     results = {}
     for keep in (0.5, 0.25):
-        strategy = LeMoSparseStrategy(block_size=16, schedule="constant", keep_ratio=keep, mlp_drop_ratio=0.8)
+        strategy = LeMoSparseStrategy(SelectionOptions(block_size=16, schedule="constant", keep_ratio=keep),
+                                      mlp=MLPOptions(drop_ratio=0.8))
         strategy.apply(model)
         results[keep] = saved_bytes(model, ids) / dense
         strategy.remove(model)
@@ -254,7 +266,7 @@ def test_fit_with_lora_keeps_parameter_names_and_logs_elimination(tiny_module, t
     module = tiny_module(cls=PeftModule, peft_config={"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                                                      "target_modules": ["q_proj", "v_proj"]})
     names = set(module.state_dict())
-    strategy = LeMoSparseStrategy(block_size=8, schedule="constant", keep_ratio=0.5)
+    strategy = LeMoSparseStrategy(SelectionOptions(block_size=8, schedule="constant", keep_ratio=0.5))
     trainer = fit_tiny(module, tiny_data(), callbacks=[strategy], max_steps=2)
     assert set(module.state_dict()) == names
     assert trainer.callback_metrics["lemo/kept_token_fraction"] < 1.0
@@ -264,7 +276,7 @@ def test_fit_with_lora_keeps_parameter_names_and_logs_elimination(tiny_module, t
 def test_gradient_checkpointing_recompute_reuses_the_cached_blocks():
     model = tiny()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    strategy = LeMoSparseStrategy(block_size=8, schedule="constant", keep_ratio=0.5)
+    strategy = LeMoSparseStrategy(SelectionOptions(block_size=8, schedule="constant", keep_ratio=0.5))
     strategy.apply(model)
     calls = []
     for wrapper in strategy.wrappers:
@@ -296,6 +308,106 @@ def test_fsdp2_two_processes_full_finetuning(tmp_path):
 
 def test_copy_of_wrapped_model_still_runs():
     model = tiny()
-    LeMoSparseStrategy(block_size=8, schedule="constant", keep_ratio=0.5).apply(model)
+    LeMoSparseStrategy(SelectionOptions(block_size=8, schedule="constant", keep_ratio=0.5)).apply(model)
     clone = copy.deepcopy(model)
     assert clone(input_ids=torch.randint(0, 256, (1, 32)), use_cache=False).logits.shape == (1, 32, 258)
+
+
+# The 23 flat constructor arguments LeMoSparseStrategy had before they were grouped, with the defaults copied
+# from that signature, and where each one lives now.
+FLAT_DEFAULTS = dict(
+    block_size=64, schedule="artifact_e2e", keep_ratio=0.4, start_layer=None, dense_last=True,
+    keep_fractions=None, causal_fix="symmetrize", oracle_rope=False, scorer="oracle", mlp_drop_ratio=0.0,
+    sparse_eval=False, kernel="auto", predictor_hidden=128, predictor_steps=400, predictor_refresh_every=0,
+    predictor_lr=2e-5, predictor_warmup=20, predictor_loss="smooth_l1", elastic=False, prune_every=100,
+    prune_until=620, prune_tau=0.8, prune_tau_step=0.05)
+SELECTION = ("block_size", "schedule", "keep_ratio", "start_layer", "dense_last", "keep_fractions",
+             "causal_fix", "oracle_rope", "scorer", "sparse_eval")
+PREDICTOR = ("hidden", "steps", "refresh_every", "lr", "warmup", "loss")
+GROUPED_AS = {
+    **{name: f"selection.{name}" for name in SELECTION},
+    **{f"predictor_{name}": f"predictor.{name}" for name in PREDICTOR},
+    "elastic": "elastic.enabled", "prune_every": "elastic.every", "prune_until": "elastic.until",
+    "prune_tau": "elastic.tau", "prune_tau_step": "elastic.tau_step",
+    "mlp_drop_ratio": "mlp.drop_ratio", "kernel": "kernel.backend",
+}
+# What each shipped config set with the flat arguments (copied from the configs before the change).
+CONFIG_SETTINGS = {
+    "configs/lemo.yaml": dict(block_size=64, schedule="artifact_e2e", keep_ratio=0.4, causal_fix="symmetrize",
+                              scorer="oracle"),
+    "configs/strategies/lemo_ddp.yaml": dict(block_size=16, schedule="constant", keep_ratio=0.5,
+                                             scorer="predictor", predictor_steps=1, predictor_lr=1.0e-3),
+    "configs/strategies/lemo_fsdp2.yaml": dict(block_size=16, schedule="constant", keep_ratio=0.5,
+                                               mlp_drop_ratio=0.5),
+}
+
+
+def flat_settings(strategy: LeMoSparseStrategy) -> dict:
+    return {old: attrgetter(new)(strategy) for old, new in GROUPED_AS.items()}
+
+
+def test_option_blocks_hold_exactly_the_old_arguments_with_the_old_defaults():
+    assert len(FLAT_DEFAULTS) == 23 and set(GROUPED_AS) == set(FLAT_DEFAULTS)
+    blocks = {"selection": SelectionOptions, "predictor": PredictorOptions, "elastic": ElasticOptions,
+              "mlp": MLPOptions, "kernel": KernelOptions}
+    grouped = {f"{block}.{f.name}" for block, cls in blocks.items() for f in fields(cls)}
+    assert set(GROUPED_AS.values()) == grouped
+    assert flat_settings(LeMoSparseStrategy()) == FLAT_DEFAULTS
+
+
+def _config_with_tiny_model(config: str, tmp_path: Path, **selection) -> Path:
+    """The shipped config with its model block replaced by a tiny CausalLMModule (this test is about the LeMo
+    block; tests/test_configs.py runs each whole config) on one CPU process."""
+    raw = yaml.safe_load((REPO / config).read_text())
+    raw["model"] = {"class_path": "zoo.modules.CausalLMModule",
+                    "init_args": {"model": "tiny-llama", "export": False}}
+    raw["trainer"].update(accelerator="cpu", devices=1, strategy="auto")
+    raw["trainer"]["callbacks"][0]["init_args"].setdefault("selection", {}).update(selection)
+    path = tmp_path / "lemo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("config", list(CONFIG_SETTINGS))
+def test_grouped_options_parse_from_yaml_to_the_settings_the_config_had(config, tmp_path, monkeypatch):
+    from zoo.cli import lightning_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ZOO_RUN_DIR", raising=False)
+    cli = lightning_main(["--config", str(_config_with_tiny_model(config, tmp_path))], run=False)
+    (strategy,) = [c for c in cli.trainer.callbacks if isinstance(c, LeMoSparseStrategy)]
+    assert isinstance(strategy.selection, SelectionOptions)
+    assert isinstance(strategy.predictor, PredictorOptions)
+    assert flat_settings(strategy) == {**FLAT_DEFAULTS, **CONFIG_SETTINGS[config]}
+    strategy.apply(cli.model.model)  # tiny-llama, 2 layers: artifact_e2e starts at round(2 * 15 / 32) = 1
+    expected = {"configs/lemo.yaml": [1.0, 0.4]}.get(config, [0.5, 0.5])
+    assert strategy.fractions == expected and len(strategy.wrappers) == 2 - expected.count(1.0)
+
+
+def test_print_config_shows_the_option_blocks(tmp_path, monkeypatch, capsys):
+    from zoo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ZOO_RUN_DIR", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(_config_with_tiny_model("configs/lemo.yaml", tmp_path)),
+              "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    (lemo,) = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("LeMoSparseStrategy")]
+    args = lemo["init_args"]
+    assert set(args) == {"selection", "predictor", "elastic", "mlp", "kernel"}
+    assert args["selection"]["block_size"] == 64 and args["selection"]["keep_ratio"] == 0.4
+    assert args["predictor"]["steps"] == 400 and args["mlp"] == {"drop_ratio": 0.0}
+
+
+def test_out_of_range_option_is_one_config_error_line(tmp_path, monkeypatch, capsys):
+    from zoo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ZOO_RUN_DIR", raising=False)
+    path = _config_with_tiny_model("configs/lemo.yaml", tmp_path, keep_ratio=1.5)
+    assert main(["fit", "--config", str(path), "--trainer.fast_dev_run", "1"]) == 1
+    assert "selection.keep_ratio must be in (0, 1], got 1.5" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="mlp.drop_ratio"):
+        MLPOptions(drop_ratio=-0.1)

@@ -1,7 +1,7 @@
 """Benchmark LeMo token elimination: activation memory, step time, and perplexity vs dense training.
 
-    python -m zoo.kernels.bench_lemo --model smollm2-135m --lengths 1024 2048 --steps 1
-    python -m zoo.kernels.bench_lemo --model tiny-llama --layers 8 --lengths 4096 8192 --ppl-steps 200
+    python -m zoo.harness.bench_lemo --model smollm2-135m --lengths 1024 2048 --steps 1
+    python -m zoo.harness.bench_lemo --model tiny-llama --layers 8 --lengths 4096 8192 --ppl-steps 200
 
 For each context length and each setting (dense, LeMo ``artifact_e2e`` keep 0.4, constant keep ratios,
 optionally with MLP channel sparsity) one full fine-tuning step (forward, LM loss on every token through
@@ -32,18 +32,31 @@ from pathlib import Path
 import torch
 
 from zoo import backbone
+from zoo.datamodules.packed import pack_rows
+from zoo.datamodules.sft import encode_example
 from zoo.harness.bench import trim_heap
 from zoo.harness.step_cost import saved_tensor_bytes
 from zoo.kernels.selected_ce import selected_linear_cross_entropy
-from zoo.modules.sparse.lemo import LeMoSparseStrategy
+from zoo.modules.sparse.lemo import LeMoSparseStrategy, MLPOptions, SelectionOptions
+from zoo.tasks import generate_records
 
+#: label -> (selection options without the block size, MLP drop ratio rho); None = dense.
 SETTINGS = {
     "dense": None,
-    "lemo e2e k=0.4": dict(schedule="artifact_e2e", keep_ratio=0.4),
-    "lemo k=0.5": dict(schedule="constant", keep_ratio=0.5, start_layer=1),
-    "lemo k=0.25": dict(schedule="constant", keep_ratio=0.25, start_layer=1),
-    "lemo k=0.25 +mlp0.8": dict(schedule="constant", keep_ratio=0.25, start_layer=1, mlp_drop_ratio=0.8),
+    "lemo e2e k=0.4": (dict(schedule="artifact_e2e", keep_ratio=0.4), 0.0),
+    "lemo k=0.5": (dict(schedule="constant", keep_ratio=0.5, start_layer=1), 0.0),
+    "lemo k=0.25": (dict(schedule="constant", keep_ratio=0.25, start_layer=1), 0.0),
+    "lemo k=0.25 +mlp0.8": (dict(schedule="constant", keep_ratio=0.25, start_layer=1), 0.8),
 }
+
+
+def make_strategy(setting: tuple[dict, float] | None, block: int) -> LeMoSparseStrategy | None:
+    """The LeMo callback of one ``SETTINGS`` entry with ``block``-token blocks (None for dense)."""
+    if setting is None:
+        return None
+    selection, drop_ratio = setting
+    return LeMoSparseStrategy(SelectionOptions(block_size=block, **selection),
+                              mlp=MLPOptions(drop_ratio=drop_ratio))
 
 
 class PeakSampler:
@@ -88,8 +101,9 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over every position, through the shared chunked selected-CE head."""
     hidden = backbone.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
-    flat = selected_linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight,
-                                         ids[:, 1:].reshape(-1), torch.ones(ids[:, 1:].numel(), device=ids.device))
+    targets = ids[:, 1:].reshape(-1)
+    flat = selected_linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, targets,
+                                         torch.ones(targets.numel(), device=ids.device))
     return flat.mean()
 
 
@@ -117,11 +131,7 @@ def measure(model, ids: torch.Tensor, steps: int) -> dict[str, float]:
 
 
 def packed_ids(tokenizer, length: int, rows: int, seed: int) -> torch.Tensor:
-    """``rows`` packed rows of ``length`` tokens of chain_sum worked solutions (rendered with the chat template)."""
-    from zoo.datamodules.packed import pack_rows
-    from zoo.datamodules.sft import encode_example
-    from zoo.tasks import generate_records
-
+    """``rows`` packed rows of ``length`` tokens of chain_sum worked solutions (chat template applied)."""
     records, _ = generate_records("chain_sum", size=max(64, rows * length // 40), seed=seed)
     encoded = [encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
     packed, _ = pack_rows(encoded, length, rows)
@@ -135,18 +145,18 @@ def eval_ppl(model, rows: torch.Tensor) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def finetune_ppl(args, setting: dict | None, device: torch.device) -> dict[str, float]:
+def finetune_ppl(args, setting: tuple[dict, float] | None, device: torch.device) -> dict[str, float]:
     """Fine-tune a fresh copy under ``setting``; held-out ppl evaluated dense (the paper's protocol) and,
     for LeMo, also with elimination still on, plus the mean training loss of the last 10 steps."""
     model, tokenizer = load(args)
     model.to(device).train()
-    strategy = None
-    if setting is not None:
-        strategy = LeMoSparseStrategy(block_size=args.block, **setting)
+    strategy = make_strategy(setting, args.block)
+    if strategy is not None:
         strategy.apply(model)
     train = packed_ids(tokenizer, args.ppl_length, args.ppl_steps, seed=0).to(device)
     test = packed_ids(tokenizer, args.ppl_length, 4, seed=2).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95))
     torch.manual_seed(0)
     losses = []
     for step in range(args.ppl_steps):
@@ -177,7 +187,8 @@ def load(args):
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--layers", type=int, default=8, help="tiny-llama only")
     parser.add_argument("--hidden", type=int, default=128, help="tiny-llama only")
@@ -195,7 +206,9 @@ def main(argv: list[str] | None = None) -> str:
     torch.manual_seed(0)
     model, _ = load(args)
     model.to(device).train()
-    name = args.model if args.model != "tiny-llama" else f"tiny-llama ({args.layers} layers, hidden {args.hidden})"
+    name = args.model
+    if args.model == "tiny-llama":
+        name = f"tiny-llama ({args.layers} layers, hidden {args.hidden})"
     lines = [f"### {name}, full fine-tuning, batch 1, block {args.block}, device {device.type}", "",
              "| length | setting | saved MiB | saved vs dense | peak MiB | step s | speed-up |",
              "|---|---|---|---|---|---|---|"]
@@ -204,24 +217,24 @@ def main(argv: list[str] | None = None) -> str:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
         dense = None
         for label in args.settings:
-            setting = SETTINGS[label]
-            strategy = LeMoSparseStrategy(block_size=args.block, **setting) if setting else None
+            strategy = make_strategy(SETTINGS[label], args.block)
             if strategy is not None:
                 strategy.apply(model)
             result = measure(model, ids, args.steps)
             if strategy is not None:
                 strategy.remove(model)
             dense = dense or result
-            line = (f"| {length} | {label} | {result['saved']:.1f} | {dense['saved'] / result['saved']:.2f}x | "
+            line = (f"| {length} | {label} | {result['saved']:.1f} | "
+                    f"{dense['saved'] / result['saved']:.2f}x | "
                     f"{result['peak']:.1f} | {result['time']:.2f} | {dense['time'] / result['time']:.2f}x |")
             lines.append(line)
             print(line, flush=True)
     if args.ppl_steps > 0:
         before = untuned_ppl(args, device)
         extra = ["", f"Perplexity after {args.ppl_steps} steps x 1 x {args.ppl_length} tokens (chain_sum, lr "
-                 f"{args.lr}) on 4 held-out packed rows; untuned model: {before:.3f}. `eval ppl` is the fine-tuned "
-                 "model evaluated dense (the paper's protocol), `sparse-eval ppl` the same model with elimination "
-                 "still on, `train loss` the mean of the last 10 steps:", "",
+                 f"{args.lr}) on 4 held-out packed rows; untuned model: {before:.3f}. `eval ppl` is the "
+                 "fine-tuned model evaluated dense (the paper's protocol), `sparse-eval ppl` the same model "
+                 "with elimination still on, `train loss` the mean of the last 10 steps:", "",
                  "| setting | eval ppl | vs dense | sparse-eval ppl | train loss |", "|---|---|---|---|---|"]
         print("\n".join(extra), flush=True)
         base = None
