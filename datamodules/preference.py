@@ -21,13 +21,15 @@ row index, repeated for both halves) and ``is_chosen`` (2B,) bool. :func:`split_
 
 Harness hooks, as on ``SFTDataModule``: :meth:`eval_records`, :meth:`score_completion` (final answer
 exact match against the chosen side's answer), :meth:`evaluation_metrics`; plus
-:func:`preference_metrics` (reward accuracy / margin of a module on held-out pairs), which the bench
-can call as ``data.preference_metrics(module, split="test")``.
+:func:`preference_metrics` (reward accuracy / margin of a module on held-out pairs, and the
+chosen-only response NLL as ``nll`` with a ``rejected_nll`` column), which the bench calls as
+``data.preference_metrics(module, split="test")``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import random
 import re
 from pathlib import Path
@@ -269,14 +271,15 @@ class PreferenceDataModule(SFTDataModule):
 
     # ------------------------------------------------------------------ harness hooks
     def preference_metrics(self, module, split: str = "test") -> dict[str, float]:
-        """Reward accuracy / margin of ``module`` on held-out pairs (see :func:`preference_metrics`)."""
+        """Reward accuracy / margin and chosen / rejected NLL of ``module`` on held-out pairs (see
+        :func:`preference_metrics`)."""
         self.setup("test")
         return preference_metrics(module, self._loader(split, shuffle=False))
 
 
 @torch.no_grad()
 def preference_metrics(module, loader) -> dict[str, float]:
-    """Reward accuracy and margin of a module on preference batches.
+    """Reward accuracy and margin, and per-side response NLL, of a module on preference batches.
 
     The reward of a response is ``module.sequence_rewards(batch, outputs)`` when the module defines it (DPO:
     ``beta * (log pi - log pi_ref)`` summed over the response), else its summed response log-prob
@@ -284,24 +287,36 @@ def preference_metrics(module, loader) -> dict[str, float]:
     with a strictly larger chosen reward; ``reward_margin`` the mean chosen - rejected reward.
     ``logp_accuracy`` / ``logp_margin`` are the same on the policy's own summed log-probs, comparable
     across every module (for a module without ``sequence_rewards`` they equal the reward ones).
+    ``nll`` (with ``ppl`` and ``nll_tokens``) is the token-mean NLL of the CHOSEN responses only, the
+    held-out NLL of the answers the model should give (pooling in the rejected side, which a preference
+    objective pushes down on purpose, would mix two opposite goals); ``rejected_nll`` is the same on the
+    rejected responses.
     """
     from zoo.modules.base import target_mask
 
     was_training = module.training
     module.eval()
     reward_diffs, logp_diffs = [], []
+    nll_sums, nll_counts = [0.0, 0.0], [0, 0]  # chosen, rejected
     try:
         for batch in loader:
             batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             outputs = module(batch)
-            logps = -module.weighted_token_loss(outputs, target_mask(batch["labels"]).float()).sum(1)
+            mask = target_mask(batch["labels"]).float()
+            token_nll = module.weighted_token_loss(outputs, mask)
+            logps = -token_nll.sum(1)
             rewards = module.sequence_rewards(batch, outputs) if hasattr(module, "sequence_rewards") else logps
             for diffs, values in ((reward_diffs, rewards), (logp_diffs, logps)):
                 chosen, rejected = split_pairs(values.float())
                 diffs.append(chosen - rejected)
+            for side, (nll, side_mask) in enumerate(zip(split_pairs(token_nll), split_pairs(mask))):
+                nll_sums[side] += float(nll.double().sum())
+                nll_counts[side] += int(side_mask.sum())
     finally:
         module.train(was_training)
     reward_t, logp_t = torch.cat(reward_diffs), torch.cat(logp_diffs)
+    chosen_nll, rejected_nll = (total / max(count, 1) for total, count in zip(nll_sums, nll_counts))
     return {"reward_accuracy": float((reward_t > 0).float().mean()), "reward_margin": float(reward_t.mean()),
             "logp_accuracy": float((logp_t > 0).float().mean()), "logp_margin": float(logp_t.mean()),
-            "pairs": float(reward_t.numel())}
+            "pairs": float(reward_t.numel()), "nll": chosen_nll, "ppl": math.exp(min(chosen_nll, 50.0)),
+            "nll_tokens": nll_counts[0], "rejected_nll": rejected_nll}

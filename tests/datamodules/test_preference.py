@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -120,3 +121,25 @@ def test_preference_metrics_of_an_sft_model_match_naive_log_probs(builtin, tiny_
     assert preference_metrics(module, [batch]) == metrics
     # a module without its own reward: the reward IS the log-prob margin
     assert (metrics["logp_accuracy"], metrics["logp_margin"]) == (metrics["reward_accuracy"], metrics["reward_margin"])
+
+
+def test_preference_nll_is_chosen_only_with_a_rejected_column(builtin, tiny_module):
+    module = tiny_module()
+    metrics = builtin.preference_metrics(module, split="test")
+    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for batch in builtin._loader("test", shuffle=False):  # naive log-probs from the HF logits, per side
+        with torch.no_grad():
+            logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logp = logits[:, :-1].double().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        supervised = (labels != IGNORE_INDEX).double()
+        for side, (lp, mask) in enumerate(zip(split_pairs(logp), split_pairs(supervised))):
+            sums[side] += -(lp * mask).sum()
+            counts[side] += mask.sum()
+    chosen_nll, rejected_nll = (sums / counts).tolist()
+    assert metrics["nll"] == pytest.approx(chosen_nll, abs=1e-4)
+    assert metrics["rejected_nll"] == pytest.approx(rejected_nll, abs=1e-4)
+    assert metrics["nll_tokens"] == counts[0].item()
+    assert metrics["ppl"] == pytest.approx(math.exp(chosen_nll), rel=1e-4)
+    averaged = float(sums.sum() / counts.sum())  # the old value: both sides pooled
+    assert abs(metrics["nll"] - averaged) > 1e-3
