@@ -285,10 +285,13 @@ def data_block(cli) -> dict[str, Any]:
 
 
 def count_parameters(module) -> tuple[int, int]:
-    """(trainable, total) parameters; trainable as the module's ``trainable_parameters()`` reports them."""
+    """(trainable, total) parameters. Trainable: the adapter's paper-convention count where it defines one
+    (e.g. prefixes without their re-parameterisation MLP), else ``trainable_parameters()``."""
+    adapter = getattr(module, "adapter", None)
+    paper_count = adapter.trainable_count() if adapter is not None else None
     chosen = module.trainable_parameters() if hasattr(module, "trainable_parameters") else {
         n: p for n, p in module.named_parameters() if p.requires_grad}
-    trainable = sum(p.numel() for p in chosen.values())
+    trainable = paper_count if paper_count is not None else sum(p.numel() for p in chosen.values())
     return trainable, sum(p.numel() for p in module.parameters())
 
 
@@ -384,7 +387,7 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
         else:
             os.environ["ZOO_RUN_DIR"] = previous_run_dir
     trainable, total = count_parameters(module)
-    record.update(backbone=backbone_of(module), dataset=data_block(cli).get("init_args", {}).get("dataset"),
+    record.update(backbone=backbone_of(module), module=type(module).__name__, dataset=data_block(cli).get("init_args", {}).get("dataset"),
                   run_dir=str(run_dir), **result, train_wall_s=wall, **timer.summary(), peak_rss_mb=peak_rss_mb(),
                   peak_cuda_mb=peak_cuda, trainable_params=trainable, total_params=total,
                   steps=int(trainer.global_step), **environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -400,33 +403,33 @@ def resolve_checkpoint(path: str) -> tuple[Path, dict[str, Any] | None]:
     """(export folder, the run's config as a dict or None) for a run directory or an export folder."""
     import yaml
 
+    from zoo.harness.load import LoadError, export_folder
+
+    try:
+        export = export_folder(path)
+    except LoadError as err:
+        raise BenchError(f"--ckpt {err}") from err
     folder = Path(path).expanduser()
-    if not folder.exists():
-        raise BenchError(f"--ckpt {path!r} does not exist")
-    export = folder / "export" if (folder / "export").is_dir() else folder
-    if not ((export / "config.json").exists() or (export / "adapter_config.json").exists()):
-        raise BenchError(f"--ckpt {path!r} holds no HF export (config.json or adapter_config.json, "
-                         "directly or under export/); pass a zoo run directory or its export folder")
     run_config = next((p for p in (export.parent / "config.yaml", folder / "config.yaml") if p.exists()), None)
     return export, (yaml.safe_load(run_config.read_text()) if run_config else None)
 
 
-def load_checkpoint_module(export: Path, run_config: dict[str, Any] | None, model_override: str | None):
-    """A plain ``CausalLMModule`` around the exported model (peft adapters on their backbone)."""
-    from zoo.modules.base import CausalLMModule
+def checkpoint_backbone(export: Path, run_config: dict[str, Any] | None, model_override: str | None) -> str:
+    """The backbone name a checkpoint's tokenizer and data come from."""
+    from zoo.harness.load import read_manifest
 
-    adapter = export / "adapter_config.json"
-    if not adapter.exists():
-        return CausalLMModule(model=str(export), export=False), str(export)
-    from peft import PeftModel
-
-    base = model_override or ((run_config or {}).get("model", {}).get("init_args", {}).get("model"))
-    base = base or json.loads(adapter.read_text()).get("base_model_name_or_path")
+    manifest = read_manifest(export) or {}
+    if model_override:
+        return model_override
+    if manifest.get("weights") == "full" or (not manifest and not (export / "adapter_config.json").exists()):
+        return str(export)
+    base = manifest.get("init_args", {}).get("model") or (run_config or {}).get("model", {}).get(
+        "init_args", {}).get("model")
+    if not base and (export / "adapter_config.json").exists():
+        base = json.loads((export / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
-        raise BenchError(f"{export}: cannot tell the adapter's backbone; pass --model NAME")
-    module = CausalLMModule(model=base, export=False)
-    module.model = PeftModel.from_pretrained(module.model, str(export))
-    return module, base
+        raise BenchError(f"{export}: cannot tell the backbone; pass --model NAME")
+    return str(base)
 
 
 def build_datamodule(args: argparse.Namespace, run_config: dict[str, Any] | None, tokenizer: str,
@@ -474,31 +477,28 @@ def data_overrides(overrides: list[str]) -> list[str]:
 
 def evaluate_checkpoint(path: str, args: argparse.Namespace, overrides: list[str], out: Path, done: set,
                         results: Path) -> None:
+    from zoo.harness.load import load_run
+
     export, run_config = resolve_checkpoint(path)
-    weights = sorted(p for p in export.iterdir() if p.suffix in (".safetensors", ".bin"))
+    weights = sorted(p for p in export.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime) for p in weights]
     name = f"ckpt:{export.parent.name if export.name == 'export' else export.name}"
     record = {"method": name, "kind": "ckpt", "config": str(export), "seed": (run_config or {}).get("seed_everything"),
               "budget": budget(args, "ckpt")}
-    adapter = (export / "adapter_config.json").exists()
-    base_name = args.model or (run_config or {}).get("model", {}).get("init_args", {}).get("model")
-    tokenizer = (base_name or json.loads((export / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path")) if adapter else str(export)
-    datamodule, block = build_datamodule(args, run_config, tokenizer, overrides)
+    backbone_name = checkpoint_backbone(export, run_config, args.model)
+    datamodule, block = build_datamodule(args, run_config, backbone_name, overrides)
     record["config_hash"] = digest(str(export.resolve()), stamp, block)
     if record_key(record) in done:
         log(f"{name}: already in {results.name}, skipped")
         return
     log(f"{name}: loading {export} ...")
     reset_peak_rss()
-    module, backbone_name = load_checkpoint_module(export, run_config, args.model)
+    module = load_run(export, model=args.model)
     result = evaluate(module, datamodule, args, out / "runs" / f"{name.replace(':', '-')}" / "completions.jsonl")
-    trainable = sum(p.numel() for n, p in module.named_parameters() if "lora_" in n or "modules_to_save" in n) \
-        if adapter else None
-    record.update(backbone=backbone_name, dataset=block.get("init_args", {}).get("dataset"), **result,
-                  train_wall_s=None, tokens_per_s=None, peak_rss_mb=peak_rss_mb(), trainable_params=trainable,
-                  total_params=sum(p.numel() for p in module.parameters()),
-                  steps=None, **environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    trainable, total = count_parameters(module)
+    record.update(backbone=backbone_name, module=type(module).__name__, dataset=block.get("init_args", {}).get("dataset"),
+                  **result, train_wall_s=None, tokens_per_s=None, peak_rss_mb=peak_rss_mb(), trainable_params=trainable,
+                  total_params=total, steps=None, **environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     append_result(results, record)
     done.add(record_key(record))
     log(f"{name}: {format_metrics(record)}")
