@@ -15,7 +15,11 @@ Implements
       (the repo's ``heads_pretraining`` stage A'), or ``stage="heads"`` for a whole fit that trains only the
       heads (stage A); ``heads_path`` loads saved heads (``caft_heads.pt``, written next to every export);
     * heads frozen in stage B unless ``finetune_heads``; they are not part of :meth:`exportable_model`, so the
-      export is the plain HF causal LM (plus the separate ``caft_heads.pt`` file).
+      export is the plain HF causal LM (plus the separate ``caft_heads.pt`` file, and the heads in
+      ``zoo_state.safetensors``, from which ``zoo.load`` rebuilds the whole CAFTModule);
+    * any ``adapter`` from YAML (LoRA, prompt tuning, ...) wraps the trunk: the heads are copied from the
+      plain backbone before it attaches, and read the trunk's states at the real positions only (an
+      adapter's virtual tokens are dropped by its ``hidden_states``).
 
 Differs from the official code: heads read the backbone's FINAL normalised hidden state in both head
 pre-training and fine-tuning (the repo pre-trains on the penultimate state and fine-tunes on the final
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import backbone
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, TrainingError
 from zoo.kernels.selected_ce import selected_linear_cross_entropy
 from zoo.modules.base import CausalLMModule, StepOutputs, reduce_loss
 from zoo.registry import register
@@ -138,21 +142,35 @@ class CAFTModule(CausalLMModule):
             head_pretrain_lr: learning rate of head pre-training (paper 1e-4).
             **kwargs: the CausalLMModule arguments (model, lr, ...).
         """
-        super().__init__(**kwargs)
         if num_predict < 2:
             raise ConfigError("CAFT needs num_predict >= 2 (at least one auxiliary head)")
-        self.heads = AuxiliaryHeads(self.model, num_predict - 1)
+        self._num_heads = num_predict - 1
+        super().__init__(**kwargs)  # builds the heads in configure_backbone, before the adapter attaches
         if heads_path:
             path = Path(heads_path)
             self.heads.load_state_dict(torch.load(path / HEADS_FILE if path.is_dir() else path, map_location="cpu"))
         self.heads.requires_grad_(finetune_heads or stage == "heads")
         if stage == "heads":
             self.model.requires_grad_(False)
+            self.adapter.requires_grad_(False)  # the adapter's own tensors (soft prompts, ...) are trunk too
         self._heads_ready = heads_path is not None or head_pretrain_steps == 0
+
+    def configure_backbone(self, model: nn.Module) -> nn.Module:
+        """Copy the heads from the plain backbone, before the adapter attaches: an adapter that wraps layers in
+        place (LoRA, parallel adapters) must not end up inside the heads."""
+        model = super().configure_backbone(model)
+        self.heads = AuxiliaryHeads(model, self._num_heads)
+        return model
 
     # ------------------------------------------------------------------ losses
     def auxiliary_losses(self, batch: dict[str, Tensor], hidden: Tensor, weights: Tensor) -> list[Tensor]:
-        """[CE_2, ..., CE_n]: each head's weighted token-mean CE on labels shifted by 1 + k."""
+        """[CE_2, ..., CE_n]: each head's weighted token-mean CE on labels shifted by 1 + k.
+
+        ``hidden`` (B, T, H) are the trunk's states at the batch's REAL positions (``forward_hidden``: an adapter's
+        virtual tokens are already dropped), so the heads see the real sequence with its own attention mask."""
+        if hidden.shape[:2] != batch["labels"].shape:
+            raise TrainingError(f"CAFT heads need hidden states at the real positions {tuple(batch['labels'].shape)}, "
+                                f"got {tuple(hidden.shape[:2])}: the adapter's hidden_states must drop virtual tokens")
         head_weight, head_bias = self.lm_head_weight()
         losses = []
         for k, head_hidden in enumerate(self.heads(hidden, batch.get("attention_mask")), start=1):
@@ -244,6 +262,18 @@ class CAFTModule(CausalLMModule):
     def exportable_model(self) -> nn.Module:
         """The plain backbone: the auxiliary heads are training-only and never exported into the model."""
         return self.model
+
+    def export_extra_state(self, weights: str) -> dict[str, Tensor]:
+        """The base's trained extras plus the heads (frozen or not), so ``zoo.load`` rebuilds them as trained."""
+        state = super().export_extra_state(weights)
+        state.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()})
+        return state
+
+    def export_init_args(self, merged: bool = False) -> dict[str, Any]:
+        """A reload takes its heads from ``zoo_state``: no head pre-training, no ``heads_path`` to find."""
+        args = super().export_init_args(merged)
+        args.update(heads_path=None, head_pretrain_steps=0)
+        return args
 
     def export(self, directory: str | Path) -> Path:
         directory = super().export(directory)

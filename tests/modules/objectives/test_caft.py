@@ -125,3 +125,71 @@ def test_fit_with_head_pretraining_runs(tiny_module, tiny_data, fit_tiny):
     trainer = fit_tiny(module, tiny_data(), max_steps=2)
     assert module._heads_ready and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert isinstance(module, CausalLMModule)
+
+
+def _prompted_real_hidden(module, batch, num_virtual):
+    """Final hidden states at the real positions of a peft prompt-tuned model, computed by hand: the prompt
+    prepended to the embeddings, the decoder run, the first ``num_virtual`` columns dropped."""
+    from zoo import backbone
+
+    peft_model = module.model
+    prompt = peft_model.get_prompt(batch["input_ids"].shape[0])
+    embeds = torch.cat([prompt, peft_model.get_input_embeddings()(batch["input_ids"])], 1)
+    mask = torch.cat([torch.ones_like(batch["attention_mask"][:, :num_virtual]), batch["attention_mask"]], 1)
+    body = backbone.decoder(peft_model)
+    return body(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state[:, num_virtual:]
+
+
+def test_heads_see_only_the_real_positions_under_a_prompt_tuning_adapter(tiny_module, make_batch):
+    from zoo.errors import TrainingError
+    from zoo.modules.adapters import Peft
+
+    module = tiny_module(cls=CAFTModule, heads_coefficient=1.0, schedule="constant", num_predict=3,
+                         adapter=Peft({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
+    batch = make_batch(batch_size=2, length=12)
+    seen = []
+    module.heads.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    weights = target_mask(batch["labels"]).float()
+    loss = module.compute_loss(batch, module(batch), weights)
+    expected_hidden = _prompted_real_hidden(module, batch, 4)
+    assert seen[0].shape == (2, 12, 64) and torch.allclose(seen[0], expected_hidden, atol=1e-5)
+    loss.backward()  # the aux loss reaches the soft prompt, the only trainable tensor
+    assert set(module.trainable_parameters()) == {n for n, p in module.named_parameters() if "prompt_encoder" in n}
+    assert all(p.grad is not None for p in module.trainable_parameters().values())
+    with pytest.raises(TrainingError, match="real positions"):  # virtual columns left in: refused
+        module.auxiliary_losses(batch, torch.cat([expected_hidden[:, :4], expected_hidden], 1), weights)
+
+
+def test_heads_are_copied_from_the_plain_backbone_not_the_lora_wrapped_one(tiny_module):
+    from zoo.backbone import decoder_layers, tiny_llama
+    from zoo.modules.adapters import LoRA
+
+    module = tiny_module(cls=CAFTModule, adapter=LoRA(r=4, lora_alpha=8), num_predict=3)
+    assert not any("lora" in name for name, _ in module.heads.named_parameters())
+    source = decoder_layers(tiny_llama()[0])[-2].state_dict()
+    for block in module.heads.blocks:
+        assert block.state_dict().keys() == source.keys()
+        assert all(torch.equal(v, source[k]) for k, v in block.state_dict().items())
+    assert all("lora_" in name for name in module.trainable_parameters())
+
+
+def test_zoo_load_of_an_export_rebuilds_caft_with_its_pretrained_heads(tiny_module, tiny_data, fit_tiny, tmp_path):
+    import zoo
+
+    module = tiny_module(cls=CAFTModule, num_predict=3, head_pretrain_steps=3, head_pretrain_lr=1e-2)
+    fresh_heads = {k: v.clone() for k, v in module.heads.state_dict().items()}
+    data = tiny_data()
+    fit_tiny(module, data, max_steps=2)
+    directory = module.export(tmp_path / "export")
+    loaded = zoo.load(directory)
+    assert type(loaded) is CAFTModule and loaded._heads_ready and loaded.hparams.head_pretrain_steps == 0
+    trained = module.heads.state_dict()
+    assert any(not torch.equal(fresh_heads[k], v) for k, v in trained.items())  # pre-training moved them
+    assert all(torch.equal(trained[k], v) for k, v in loaded.heads.state_dict().items())
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        weights = target_mask(batch["labels"]).float()
+        live = [loss.item() for loss in module.auxiliary_losses(batch, module(batch).hidden, weights)]
+        again = [loss.item() for loss in loaded.auxiliary_losses(batch, loaded(batch).hidden, weights)]
+    assert again == pytest.approx(live, abs=1e-5)
