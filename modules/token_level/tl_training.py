@@ -14,7 +14,7 @@ Implements
     * PKT, the key-token weighting (:class:`TLKeyTokenWeightCallback`, a TokenSelector): key tokens are
       (a) the first token of the called tool's name and (b) for every other tool offered in the prompt,
       the token where the gold name first diverges from it (longest common prefix; a zero prefix
-      collapses to (a)). With ``N_key`` key and ``N_other`` other target tokens of an example, key tokens
+      collapses to (a); a gold name that is a prefix of the other diverges at the token after it). With ``N_key`` key and ``N_other`` other target tokens of an example, key tokens
       get ``min(N_other / N_key, max_weight)`` when ``N_key < N_other`` (else 1), all others 1, and the
       loss is ``sum w CE / sum w`` (set the module's ``reduction: weight_mean``, as the config does).
       The datamodule marks the positions (batch key ``key_tokens``: 1 tool-name key, 2 first token of
@@ -114,14 +114,16 @@ def common_prefix(a: str, b: str) -> int:
 
 
 def key_char_offsets(gold_name: str, other_names: Sequence[str], name_start: int) -> list[int]:
-    """Character offsets (in the reply) of the key positions: the name start and each divergence point."""
+    """Character offsets (in the reply) of the key positions: the name start and each divergence point.
+
+    When the gold name is a prefix of another tool's name (``get`` vs ``get_weather``) the two diverge
+    right after the gold name, at the character that ends it in the reply (the closing quote of the
+    JSON string; ``(`` in the paper's ``name(args)`` format): that offset is a key position too, as in
+    the released code (whose common-prefix length is then the gold name's length)."""
     offsets = {name_start}
     for other in other_names:
-        if other == gold_name:
-            continue
-        prefix = common_prefix(gold_name, other)
-        if prefix < len(gold_name):
-            offsets.add(name_start + prefix)
+        if other != gold_name:
+            offsets.add(name_start + common_prefix(gold_name, other))
     return sorted(offsets)
 
 

@@ -15,6 +15,7 @@ from zoo.modules.token_level.tl_training import (
     KEY_TOOL_NAME,
     TLErrorTurnFilter,
     TLKeyTokenWeightCallback,
+    key_char_offsets,
     key_token_weights,
     parse_call,
     tool_call_reward,
@@ -65,6 +66,22 @@ def test_pkt_key_positions_are_the_name_start_and_the_divergence_from_get_time()
     # "search" shares no prefix (collapses to the name start); "get_time" diverges after "get_" (4 chars).
     assert keys == [prompt_len + name_start, prompt_len + name_start + 4]
     assert tokenizer.decode([row["input_ids"][keys[1]]]) == "w"
+
+
+def test_pkt_gold_name_that_prefixes_another_tool_keys_the_token_after_the_name():
+    # Gold "get" is a prefix of "get_weather": the two diverge right after the gold name (the closing
+    # quote of the JSON string; "(" in the paper's name(args) format), and that token is a key token.
+    assert key_char_offsets("get", ["get_weather"], 10) == [10, 13]
+    assert key_char_offsets("get_weather", ["get"], 10) == [10, 13]  # the other way round: the "_"
+    tokenizer = byte_tokenizer()  # one token per ASCII byte
+    tools = {"get": ["city"], "get_weather": ["city"]}
+    target = render_call("get", {"city": "Paris"})
+    row = encode_turn(tokenizer, [{"role": "user", "content": "hi"}], target, tools)
+    prompt_len = row["labels"].count(-100)
+    name_start = len('{"name": "')
+    keys = [i for i, code in enumerate(row["key_tokens"]) if code == KEY_TOOL_NAME]
+    assert keys == [prompt_len + name_start, prompt_len + name_start + 3]
+    assert tokenizer.decode([row["input_ids"][keys[1]]]) == '"'
 
 
 def test_pkt_weights_follow_the_ratio_and_cap():
