@@ -14,6 +14,9 @@ forward: the LM head runs on the module's own final hidden states):
     ``estimator="expected"`` is the K -> infinity closed form
     ``-pi'(y) log pi(y) - beta sum_{a != y} pi'(a) log pi(a)`` (a zoo addition, labelled as such; with
     beta = 0 and tau = 1 it is Dynamic Fine-Tuning's ``-sg(p(y)) log p(y)``).
+    Any ``adapter`` from YAML wraps the policy (``configs/otr_lora.yaml``: OTR with LoRA): the candidates are
+    drawn from the head logits of the adapter's hidden states at the real positions (a soft prompt's virtual
+    tokens never score), in the training forward itself: no decoding.
 
 Unverified against the paper's text (the spec only has reviewers' quotes), so options with these
 defaults: ``tau=1.5`` (reviews: "> 1"), ``beta=-0.1`` (reviews: "slightly negative"), ``sft_weight=0``

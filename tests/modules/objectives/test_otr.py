@@ -120,3 +120,28 @@ def test_mc_sampler_is_seeded_per_step(tiny_module, make_batch):
 def test_fit_runs(tiny_module, tiny_data, fit_tiny, estimator):
     trainer = fit_tiny(tiny_module(cls=OTRModule, num_samples=16, estimator=estimator), tiny_data(), max_steps=2)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_prompt_tuning_adapter_scores_the_real_positions_only(tiny_module, make_batch):
+    """OTR on a soft-prompt policy: the DFT limit (expected, tau 1, beta 0) equals the loss from logits computed by
+    hand (prompt prepended, decoder run, virtual columns dropped); the soft prompt is the only tensor that learns."""
+    from zoo import backbone
+    from zoo.modules.adapters import Peft
+
+    m = 3
+    module = tiny_module(cls=OTRModule, estimator="expected", tau=1.0, beta=0.0, length_norm="per_token",
+                         adapter=Peft({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": m}))
+    batch = make_batch(batch_size=2, length=10, prompt=4)
+    weights = target_mask(batch["labels"]).float()
+    loss = module.compute_loss(batch, module(batch), weights)
+    peft_model = module.model
+    embeds = torch.cat([peft_model.get_prompt(2), peft_model.get_input_embeddings()(batch["input_ids"])], 1)
+    mask = torch.cat([torch.ones(2, m, dtype=torch.long), batch["attention_mask"]], 1)
+    hidden = backbone.decoder(peft_model)(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, m:]
+    logits = peft_model.get_output_embeddings()(hidden)
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["labels"][:, 1:].clamp_min(0)[..., None])[..., 0]
+    keep = weights[:, 1:] != 0
+    assert torch.allclose(loss, -(logp.exp().detach() * logp)[keep].mean(), atol=1e-5)
+    loss.backward()
+    trainable = module.trainable_parameters()
+    assert trainable and all("prompt_encoder" in name and p.grad is not None for name, p in trainable.items())
