@@ -3,7 +3,9 @@
 Paper: Approximated Prompt Tuning for Vision-Language Pre-trained Models (2023). Spec: papers/15-apt.md.
 Official code: DoubtedSteam/APT (``approximate_prompt``), from which the formula is read.
 
-Implements, per decoder layer, on the attention output O_i (after W_o) with x_i the normed layer input:
+Implements the :class:`APT` adapter (any objective takes it: ``adapter: {class_path:
+zoo.modules.adapters.APT}``), per decoder layer, on the attention output O_i (after W_o) with x_i the
+normed layer input:
   ``apt_code`` (default, the released formula): ``K_P = P + (P A) B``, ``a_ij = ReLU(x_i . K_P_j)``,
     ``D_i = sum_j a_ij P_j``, ``w_i = max_j a_ij`` (detached), ``O'_i = exp(g) (O_i + w_i D_i)``;
     P ~ N(0, 0.02), A ~ N(0, 1), B = 0, g = 0 (not the identity at init, as in the code);
@@ -13,6 +15,9 @@ Implements, per decoder layer, on the attention output O_i (after W_o) with x_i 
     hook; equals prefix tuning with the same keys/values (tested). Real tokens sit at positions p.. as in
     prefix tuning.
 The backbone never sees prompt tokens: sequence length stays n, prompt cost is O(n p d) per layer.
+Generation goes through the zoo's one decoder: the ``apt_code`` / ``simplified`` term is per token, so it
+applies to each cached step as to the prompt; ``exact_prefix`` decodes as prefix tuning (its keys/values in
+the pre-filled cache, the backbone's own attention: the same function, by the oracle test).
 Differs from the official code: text decoder instead of ViLT/METER; no dropout on scores (attn_drop 0);
 ``exact_prefix`` computes the input-only attention itself (eager math), so it saves nothing: it is a
 reference, not a fast path.
@@ -30,10 +35,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import backbone
-from zoo.modules.prompting.soft_prompt import PrefixKV, SoftPromptModule, attention_geometry
+from zoo.decoding import Prefill, position_ids_from_mask
+from zoo.errors import ConfigError
+from zoo.modules.prompting.soft_prompt import (
+    PrefixKV,
+    SoftPromptAdapter,
+    attention_geometry,
+    make_prefix_cache,
+)
 from zoo.registry import register
 
 APTMode = Literal["apt_code", "simplified", "exact_prefix"]
+NATIVE_PREFIX = "zoo_apt_native_prefix"  # marks a decoding cache that already holds the prefix key/values
 
 
 def apt_code_term(x: Tensor, prompt: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,61 +62,83 @@ def exact_prefix_attention(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Te
     """Prefix attention by decomposition: q (B, h, T, e), k/v (B, h, S, e), k_p/v_p (B, h, p, e), mask (B, 1|h, T, S) bool.
 
     ``(1 - lam) softmax(q k^T) v + lam softmax(q k_p^T) v_p`` with ``lam = b / (a + b)`` from the two
-    partition functions; returns (B, h, T, e).
+    partition functions; returns (B, h, T, e). A query that sees no real key (a left-padding row) attends to
+    the prefix alone (lam = 1), as in prefix tuning.
     """
     s_in = (q @ k.transpose(-1, -2)) * scale
     s_in = s_in.masked_fill(~mask, float("-inf"))
     s_p = (q @ k_p.transpose(-1, -2)) * scale
     lse_in, lse_p = torch.logsumexp(s_in, -1, keepdim=True), torch.logsumexp(s_p, -1, keepdim=True)
     lam = torch.sigmoid(lse_p - lse_in)
-    out_in = torch.softmax(s_in, -1) @ v
+    out_in = torch.softmax(s_in, -1).nan_to_num(0.0) @ v  # fully masked rows: 0, not NaN (lam = 1 there)
     out_p = torch.softmax(s_p, -1) @ v_p
     return (1 - lam) * out_in + lam * out_p
 
 
-class APTModule(SoftPromptModule):
+class APT(SoftPromptAdapter):
     """Approximated prompt tuning on a frozen causal LM (per-layer prompt diffusion term on attention outputs)."""
 
     def __init__(self, num_virtual_tokens: int = 50, rank: int = 4, mode: APTMode = "apt_code",
-                 init_seed: int = 0, **kwargs: Any) -> None:
+                 init_seed: int = 0) -> None:
         """
         Args:
             num_virtual_tokens: p, prompt tokens per layer (code: 50 for ViLT, 200 for METER).
             rank: r of the low-rank key residual K_P = P + P A B (code: 4).
             mode: ``apt_code`` (released formula), ``simplified`` (identity at init) or ``exact_prefix`` (oracle).
             init_seed: seed of the prompt initialisation.
-            **kwargs: the CausalLMModule arguments (model, lr, ...).
         """
+        if mode not in ("apt_code", "simplified", "exact_prefix"):
+            raise ConfigError(f"APT mode must be apt_code, simplified or exact_prefix, got {mode!r}")
+        if num_virtual_tokens < 1 or rank < 0:
+            raise ConfigError(f"APT needs num_virtual_tokens >= 1 and rank >= 0, got {num_virtual_tokens}, {rank}")
+        super().__init__(num_virtual_tokens=num_virtual_tokens, deep=False, prompt_init="random",
+                         init_seed=init_seed)
         self.rank, self.mode = rank, mode
         self._hooks: list[Any] = []
-        super().__init__(num_virtual_tokens=num_virtual_tokens, deep=False, init_seed=init_seed, **kwargs)
 
+    # ------------------------------------------------------------------ construction
     def build_prompt(self, model: nn.Module) -> None:
         super().build_prompt(model)
         self.soft_prompt = None  # APT never puts prompt tokens into the sequence
         p, d = self._prompt_args["num_virtual_tokens"], backbone.hidden_size(model)
-        layers = len(backbone.decoder_layers(model))
+        layers = backbone.decoder_layers(model)
         with torch.random.fork_rng():
             torch.manual_seed(self._prompt_args["init_seed"])
             if self.mode == "exact_prefix":
                 n_layers, kv_heads, head_dim = attention_geometry(model)
                 self.prefix_kv = PrefixKV(n_layers, kv_heads, p, head_dim)
             else:
-                self.prompts = nn.Parameter(torch.randn(layers, p, d) * 0.02)
-                self.down = nn.Parameter(torch.randn(layers, d, self.rank))
-                self.up = nn.Parameter(torch.zeros(layers, self.rank, d))
-                self.log_scale = nn.Parameter(torch.zeros(layers))  # g (apt_code) or alpha (simplified)
+                self.prompts = nn.Parameter(torch.randn(len(layers), p, d) * 0.02)
+                self.down = nn.Parameter(torch.randn(len(layers), d, self.rank))
+                self.up = nn.Parameter(torch.zeros(len(layers), self.rank, d))
+                self.log_scale = nn.Parameter(torch.zeros(len(layers)))  # g (apt_code) or alpha (simplified)
         for handle in self._hooks:
             handle.remove()
         self._hooks = [layer.self_attn.register_forward_hook(self._make_hook(i), with_kwargs=True)
-                       for i, layer in enumerate(backbone.decoder_layers(model))]
+                       for i, layer in enumerate(layers)]
 
+    # ------------------------------------------------------------------ soft-prompt hooks
     def build_inputs(self, batch: dict[str, Tensor], insert_at: Tensor | None = None) -> dict[str, Any]:
         inputs = super().build_inputs(batch, insert_at)
         if self.mode == "exact_prefix" and self.use_prompt:  # positions as in prefix tuning (after p slots)
             inputs["position_ids"] = inputs["position_ids"] + self._prompt_args["num_virtual_tokens"]
         return inputs
 
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Prefill:
+        """``exact_prefix``: decode as prefix tuning (the prefix key/values pre-filled into the cache, which the
+        hooks then leave to the backbone's own attention); the other modes: the plain prompt."""
+        if self.mode != "exact_prefix" or not self.use_prompt:
+            return super().prefill(input_ids, attention_mask)
+        batch, p = input_ids.shape[0], self._prompt_args["num_virtual_tokens"]
+        keys, values = self.prefix_kv(batch)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        cache = make_prefix_cache(keys.to(dtype), values.to(dtype), backbone.base_model(self.model).config)
+        setattr(cache, NATIVE_PREFIX, True)
+        full = torch.cat([attention_mask.new_ones(batch, p), attention_mask], 1)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        return Prefill(embeds, full, position_ids_from_mask(full)[:, p:], cache)
+
+    # ------------------------------------------------------------------ backbone hooks
     def _make_hook(self, layer: int):
         def hook(attn: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
             if not self.use_prompt:
@@ -118,6 +153,9 @@ class APTModule(SoftPromptModule):
                 att = torch.softmax(x @ keys.T / math.sqrt(x.shape[-1]), -1)
                 out = out + self.log_scale[layer] * (att @ self.prompts[layer])
             else:
+                cache = _cache_of(kwargs)
+                if cache is not None and getattr(cache, NATIVE_PREFIX, False):
+                    return output  # decoding: the prefix is in the cache, the attention is already exact
                 out = self._exact(attn, layer, x, kwargs)
             return (out, *output[1:])
 
@@ -133,8 +171,8 @@ class APTModule(SoftPromptModule):
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache = kwargs.get("cache") or kwargs.get("past_key_values")
-        if cache is not None:  # decoding: the backbone already appended this step's k/v
+        cache = _cache_of(kwargs)
+        if cache is not None:  # a cache without the prefix: the backbone already appended this step's k/v
             k, v = cache.layers[attn.layer_idx].keys, cache.layers[attn.layer_idx].values
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
@@ -150,6 +188,11 @@ class APTModule(SoftPromptModule):
         return attn.o_proj(heads.transpose(1, 2).reshape(batch, length, -1))
 
 
+def _cache_of(kwargs: dict) -> Any | None:
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def apt_trainable_count(layers: int, p: int, d: int, r: int) -> int:
     """``L * (p*d + 2*d*r + 1)`` for the apt_code / simplified modes."""
     return layers * (p * d + 2 * d * r + 1)
@@ -157,10 +200,10 @@ def apt_trainable_count(layers: int, p: int, d: int, r: int) -> int:
 
 register(
     name="apt",
-    kind="module",
+    kind="adapter",
     paper="Approximated Prompt Tuning for Vision-Language Pre-trained Models (2023)",
     spec="15",
     config="configs/apt.yaml",
-    target="zoo.modules.prompting.apt:APTModule",
+    target="zoo.modules.prompting.apt:APT",
     scope="text decoder only (paper: ViLT/METER); formula from the released code; no score dropout",
 )
