@@ -83,11 +83,13 @@ def rebuild_optimizer(trainer: L.Trainer, carry_state: bool = True, carry_schedu
     The schedule position (``last_epoch``, ``_step_count``) is carried, never the old scheduler's whole
     state: its ``base_lrs`` belong to the old parameter groups, whose number and order change with the
     selection (and with layer-wise LR decay). The new scheduler keeps the base lrs of the new groups and
-    each group's lr is recomputed at the carried position.
+    each group's lr is recomputed at the carried position (closed-form schedulers: the module's
+    ``LambdaLR``, ``StepLR``, ...). A path-dependent scheduler (e.g. ``ReduceLROnPlateau``) gets its old
+    state back only over the same number of groups; otherwise this raises a ConfigError.
     """
     old_optimizers = list(trainer.optimizers)
-    old_positions = [(config.scheduler.last_epoch, getattr(config.scheduler, "_step_count", None))
-                     for config in trainer.lr_scheduler_configs]
+    old_schedules = [(config.scheduler.last_epoch, getattr(config.scheduler, "_step_count", None),
+                      config.scheduler.state_dict()) for config in trainer.lr_scheduler_configs]
     trainer.strategy.setup_optimizers(trainer)
     for callback in trainer.callbacks:  # e.g. layer-wise LR decay re-splits the new optimizer's groups
         hook = getattr(callback, "on_optimizer_rebuilt", None)
@@ -100,15 +102,28 @@ def rebuild_optimizer(trainer: L.Trainer, carry_state: bool = True, carry_schedu
                     if p in old.state:
                         new.state[p] = old.state[p]
     if carry_schedule:
-        for (last_epoch, step_count), config in zip(old_positions, trainer.lr_scheduler_configs):
-            move_schedule(config.scheduler, last_epoch, step_count)
+        for (last_epoch, step_count, state), config in zip(old_schedules, trainer.lr_scheduler_configs):
+            scheduler = config.scheduler
+            if has_closed_form(scheduler):
+                move_schedule(scheduler, last_epoch, step_count)
+            elif len(state.get("base_lrs", ())) == len(scheduler.optimizer.param_groups):
+                scheduler.load_state_dict(state)
+            else:
+                raise ConfigError(f"cannot carry a {type(scheduler).__name__}'s state across an optimizer rebuild "
+                                  "that changes the number of parameter groups: use the module's scheduler "
+                                  "(a LambdaLR) or a closed-form one")
+
+
+def has_closed_form(scheduler: Any) -> bool:
+    """Whether a scheduler's lr is a function of its position alone (``LambdaLR``, ``StepLR``, ...)."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or hasattr(scheduler, "_get_closed_form_lr")
 
 
 def move_schedule(scheduler: Any, last_epoch: int, step_count: int | None = None) -> None:
     """Put a freshly built scheduler at position ``last_epoch`` and set its groups' lrs for that position.
 
-    Closed-form schedulers only (``LambdaLR``, the module's, and any with ``_get_closed_form_lr``): a
-    chained scheduler's lr depends on the path it took, which a new set of groups does not have."""
+    Closed-form schedulers only (:func:`has_closed_form`): a chained scheduler's lr depends on the path
+    it took, which a new set of groups does not have."""
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         def closed_form() -> list[float]:
             return [base * fn(scheduler.last_epoch)
