@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "module" | "callback" | "loss" | "datamodule" | "strategy" | "analysis"
+    kind: str  # "module" | "adapter" | "callback" | "loss" | "datamodule" | "strategy" | "analysis"
     paper: str
     spec: str  # "03" for papers/03-sstoken.md, "" for baselines
     config: str  # path relative to the repository root

@@ -236,3 +236,19 @@ class SoftPromptModule(CausalLMModule):
             state = {name: p.detach().cpu() for name, p in self.trainable_parameters().items()}
             torch.save(state, Path(directory) / "prompt.pt")
         return directory
+
+
+class PromptTuningModule(SoftPromptModule):
+    """Legacy prompt tuning module (use ``CausalLMModule(adapter=PromptTuning(...))``)."""
+
+    def __init__(self, num_virtual_tokens: int = 20, prompt_init: PromptInit = "vocab", init_seed: int = 0,
+                 init_prompt: str | None = None, **kwargs: Any) -> None:
+        super().__init__(num_virtual_tokens=num_virtual_tokens, deep=False, prompt_init=prompt_init,
+                         init_seed=init_seed, init_prompt=init_prompt, **kwargs)
+
+
+class PrefixTuningModule(SoftPromptModule):
+    """Legacy prefix tuning module (use ``CausalLMModule(adapter=PrefixTuning(...))``)."""
+
+    def __init__(self, num_virtual_tokens: int = 10, init_seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(num_virtual_tokens=num_virtual_tokens, deep=True, init_seed=init_seed, **kwargs)

@@ -8,7 +8,7 @@ import pytest
 
 from zoo import registry
 
-KINDS = {"module", "callback", "loss", "datamodule", "strategy", "analysis"}
+KINDS = {"module", "adapter", "callback", "loss", "datamodule", "strategy", "analysis"}
 
 
 @pytest.fixture
