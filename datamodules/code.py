@@ -10,7 +10,11 @@
   continuation is appended to the problem's prompt), followed by the problem's ``check`` and
   ``check(entry_point)``, and run in a child process by :mod:`zoo.sandbox` (timeout, memory limit,
   temporary directory). ``pass@1`` is the mean; with several completions per problem the unbiased
-  pass@k estimator (Chen et al., 2021) is reported.
+  pass@k estimator (Chen et al., 2021) is reported. The completion runs first, then the problem's test
+  code, then the ``check`` that the test defines on the entry point, inside the sandbox's OS barrier; a
+  program passes only if ``check`` returns (an early ``sys.exit(0)`` fails). Each distinct program runs
+  once per evaluation: :meth:`CodeDataModule.score_completion` reuses what
+  :meth:`CodeDataModule.evaluation_metrics` ran.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Literal
 
 from zoo import backbone
 from zoo.datamodules.sft import DataError, SFTDataModule
-from zoo.sandbox import run_many
+from zoo.sandbox import Program, SandboxResult, run_many
 
 INSTRUCTION = ("Complete the following Python function. Reply with the complete function in one "
                "```python code block.\n\n```python\n{code_prompt}```")
@@ -133,8 +137,10 @@ def extract_code(completion: str, record: dict[str, Any]) -> str:
     return record["code_prompt"] + code
 
 
-def build_program(record: dict[str, Any], completion: str) -> str:
-    return f"{extract_code(completion, record)}\n\n{record['test']}\n\ncheck({record['entry_point']})\n"
+def build_program(record: dict[str, Any], completion: str) -> Program:
+    """The sandbox program for one completion: its code, then the problem's test, then ``check(entry_point)``
+    with the ``check`` the test defined (the completion cannot replace it or swallow the test)."""
+    return Program(extract_code(completion, record), record["test"], record["entry_point"])
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -188,6 +194,16 @@ class CodeDataModule(SFTDataModule):
                          num_test=num_test, max_length=max_length, system_prompt=system_prompt,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
                          seed=seed)
+        self._scored: dict[Program, SandboxResult] = {}  # the last evaluation's results, by program
+
+    def run_programs(self, programs: list[Program]) -> list[SandboxResult]:
+        """Sandbox results for ``programs``, each distinct program run once (and remembered, so the
+        harness's per-completion :meth:`score_completion` after :meth:`evaluation_metrics` runs nothing)."""
+        todo = [p for p in dict.fromkeys(programs) if p not in self._scored]
+        results = run_many(todo, workers=self.hparams.sandbox_workers, timeout=self.hparams.timeout,
+                           memory_mb=self.hparams.memory_mb)
+        self._scored.update(zip(todo, results))
+        return [self._scored[p] for p in programs]
 
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
         hp = self.hparams
@@ -198,16 +214,14 @@ class CodeDataModule(SFTDataModule):
         return {"train": train, "val": val, "test": humaneval_problems(hp.num_test)}
 
     def score_completion(self, record: dict[str, Any], completion: str) -> dict[str, float]:
-        result = run_many([build_program(record, completion)], workers=1, timeout=self.hparams.timeout,
-                          memory_mb=self.hparams.memory_mb)[0]
-        return {"pass@1": float(result.passed)}
+        return {"pass@1": float(self.run_programs([build_program(record, completion)])[0].passed)}
 
     def evaluation_metrics(self, records: list[dict[str, Any]], completions: list[Any]) -> dict[str, float]:
         """pass@1 (and pass@k for k = 1, 2, 5, 10 up to n when each record has a list of n completions)."""
         samples = [c if isinstance(c, list) else [c] for c in completions]
         programs = [build_program(r, c) for r, cs in zip(records, samples) for c in cs]
-        results = iter(run_many(programs, workers=self.hparams.sandbox_workers, timeout=self.hparams.timeout,
-                                memory_mb=self.hparams.memory_mb))
+        self._scored = {}  # a new evaluation: forget the last one's results
+        results = iter(self.run_programs(programs))
         correct = [sum(next(results).passed for _ in cs) for cs in samples]
         n = min(len(cs) for cs in samples) if samples else 1
         metrics = {}
@@ -243,6 +257,33 @@ def evaluate_base_model(model_name: str = backbone.SMOLLM2, num_test: int = 20, 
     return summary
 
 
+def sandbox_check(num_test: int = 40, workers: int = 2) -> dict[str, Any]:
+    """The sandbox on fixed completions: HumanEval's canonical solutions (all must pass), the same problems
+    with a ``return None`` body, and mutants of the canonical solutions (the first ``<``/``>``/``+ 1``/``- 1``
+    changed; some survive HumanEval's tests): honest answers whose pass counts must not depend on the
+    sandbox. Also the mean wall seconds per program (``workers`` at a time)."""
+    import time
+
+    def mutant(record: dict[str, Any]) -> str:
+        for old, new in ((" < ", " <= "), (" > ", " >= "), ("+ 1", "+ 2"), ("- 1", "- 2")):
+            if old in record["response"]:
+                return record["response"].replace(old, new, 1)
+        return "    return None\n"
+
+    records = humaneval_problems(num_test)
+    started = time.perf_counter()
+    runs = {name: run_many([build_program(r, make(r)) for r in records], workers=workers, timeout=10)
+            for name, make in (("canonical", lambda r: r["response"]), ("return_none", lambda r: "    return None\n"),
+                               ("mutant", mutant))}
+    seconds = time.perf_counter() - started
+    summary: dict[str, Any] = {"problems": len(records)}
+    for name, results in runs.items():
+        summary[f"{name}_passed"] = sum(r.passed for r in results)
+        summary[f"{name}_passed_ids"] = [rec["task_id"] for rec, r in zip(records, results) if r.passed]
+    summary["wall_s_per_program"] = round(seconds / max(1, 3 * len(records)), 3)
+    return summary
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -252,6 +293,11 @@ if __name__ == "__main__":
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sandbox-check", action="store_true",
+                        help="no model: run canonical and `return None` solutions through the sandbox")
     args = parser.parse_args()
+    if args.sandbox_check:
+        print(json.dumps(sandbox_check(args.num_test), indent=1))
+        raise SystemExit(0)
     print(json.dumps(evaluate_base_model(args.model, args.num_test, args.max_new_tokens, args.batch_size,
                                          args.out), indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from zoo import sandbox
 from zoo.datamodules.code import (
     CodeDataModule,
     build_program,
@@ -70,3 +71,33 @@ def test_datamodule_splits_labels_and_metrics():
     assert metrics == {"pass@1": 0.5}
     multi = data.evaluation_metrics(records, [[records[0]["response"], "x"], ["y", "z"]])
     assert math.isclose(multi["pass@1"], 0.25) and math.isclose(multi["pass@2"], 0.5)
+
+
+def test_wrong_bodies_that_exit_early_score_zero():
+    """Exit code 0 is not a pass: the program must get through the problem's ``check``."""
+    problem = humaneval_problems(1)[0]
+    wrong = "def has_close_elements(numbers, threshold):\n    return True\n"
+    completions = [f"```python\n{wrong}import sys\nsys.exit(0)\n```",
+                   f"```python\n{wrong}if __name__ == '__main__':\n    import os\n    os._exit(0)\n```",
+                   "    return True\nexit()\n",  # body-only continuation
+                   f"```python\n{wrong}def check(candidate):\n    pass\n```"]
+    data = CodeDataModule(tokenizer="tiny-llama", num_train=2, num_val=1, num_test=1, timeout=5)
+    assert data.evaluation_metrics([problem] * 4, completions) == {"pass@1": 0.0}
+    assert data.evaluation_metrics([problem], [problem["response"]]) == {"pass@1": 1.0}
+
+
+def test_each_program_runs_once_per_evaluation(monkeypatch):
+    """The harness (zoo.harness.bench.evaluate) calls evaluation_metrics, then score_completion per record
+    for completions.jsonl: the second pass reuses the first's results, and duplicates run once."""
+    launched = []
+    real = sandbox.run_program
+    monkeypatch.setattr(sandbox, "run_program", lambda program, **kw: launched.append(program) or real(program, **kw))
+    records = humaneval_problems(2)
+    completions = [records[0]["response"], "    return None\n"]
+    data = CodeDataModule(tokenizer="tiny-llama", num_train=2, num_val=1, num_test=2, timeout=5)
+    metrics = data.evaluation_metrics(records, completions)
+    scores = [data.score_completion(r, c)["pass@1"] for r, c in zip(records, completions)]
+    assert metrics == {"pass@1": 0.5} and scores == [1.0, 0.0]
+    assert len(launched) == 2
+    data.evaluation_metrics(records[:1] * 3, [records[0]["response"]] * 3)  # three identical samples
+    assert len(launched) == 3
