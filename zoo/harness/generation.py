@@ -99,6 +99,8 @@ def response_nll(module, datamodule, split: str = "test") -> dict[str, float]:
             batch = _to_device(batch, device)
             outputs = module(batch)
             weights = target_mask(batch["labels"]).float()
+            if "is_chosen" in batch:  # preference pairs: the response NLL is the chosen responses'
+                weights = weights * batch["is_chosen"].to(weights.dtype)[:, None]
             total += float(module.weighted_token_loss(outputs, weights).double().sum())
             count += int(weights.sum())
     finally:
