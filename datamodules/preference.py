@@ -52,7 +52,6 @@ from zoo.datamodules.sft import (
     fit_length,
     read_hub,
     read_local,
-    resumable_loader,
 )
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
@@ -252,7 +251,7 @@ class PreferenceDataModule(SFTDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.encoded:
             raise DataError(f"the data source has no {split} split")
-        return resumable_loader(shuffle)(
+        return DataLoader(
             self.encoded[split],
             batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
             sampler=EpochShuffleSampler(self.encoded[split], self.shuffle_seed()) if shuffle else None,

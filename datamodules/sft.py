@@ -117,17 +117,6 @@ class EpochShuffleSampler(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
-def resumable_loader(training: bool) -> type[DataLoader]:
-    """The loader class: torchdata's ``StatefulDataLoader`` for training (Lightning saves its position in
-    checkpoints, so a run resumed inside an epoch continues at the same batch instead of replaying the
-    epoch), a plain ``DataLoader`` for evaluation."""
-    if not training:
-        return DataLoader
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
-    return StatefulDataLoader
-
-
 class EncodedDataset(Dataset):
     def __init__(self, rows: list[dict[str, Any]]):
         self.rows = rows
@@ -330,7 +319,7 @@ class SFTDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.encoded:
             raise DataError(f"the data source has no {split} split")
-        return resumable_loader(shuffle)(
+        return DataLoader(
             self.encoded[split],
             batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
             sampler=EpochShuffleSampler(self.encoded[split], self.shuffle_seed()) if shuffle else None,

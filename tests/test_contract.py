@@ -12,7 +12,8 @@ For each method in :func:`zoo.registry.methods`, on the tiny backbone, through t
                response NLL of the in-process evaluation of that run (2e-4), which differs from the
                untuned base's;
 ``resume``     (methods with state outside the weights, and SFT as the control) a run stopped inside an
-               epoch and resumed ends bitwise equal to an uninterrupted run.
+               epoch and resumed ends bitwise equal to an uninterrupted run. Known to fail for every method
+               today (data loaders restart the epoch): marked xfail(strict) and slow, see the test.
 
 A method that cannot meet a row declares it in its registry ``scope`` as ``contract-exempt: <row>: <reason>``;
 the matrix then checks the row fails as declared (an xfail with the reason, strict), never a bare skip.
@@ -209,6 +210,10 @@ def _final_state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="mid-epoch resume replays data: the training loaders are not resumable yet "
+                   "(Lightning restarts the epoch; a torchdata StatefulDataLoader attempt replayed one batch). "
+                   "Issue 17; strict, so the row alerts once it holds")
 @pytest.mark.parametrize("name", sorted(STATEFUL & set(_names())))
 def test_resume_inside_an_epoch_is_bitwise(name, tmp_path):
     _check(name, "resume")
