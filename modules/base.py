@@ -331,7 +331,7 @@ class CausalLMModule(L.LightningModule):
             groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
                       {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
-                                      betas=tuple(self.hparams.betas))
+                                      betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

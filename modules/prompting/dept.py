@@ -7,6 +7,7 @@ Implements: a short prompt P (m x d) prepended to the frozen embeddings, and the
 ``E'(x) = E(x) + c * (A B)[positions]`` with A (s x r, Kaiming-uniform), B (r x d, zero) and
 ``c = lora_alpha / sqrt(r)`` (the released code's scaling); two AdamW parameter groups: the prompt at
 ``lr`` (paper lr_p) and A, B at ``lowrank_lr`` (paper lr_lr). Trainable count ``m*d + r*(s+d)``.
+An adapter: ``adapter: {class_path: zoo.modules.adapters.DePT, init_args: {...}}`` under any objective.
 Differs from the official code: rows of A are indexed by each token's position within its row
 (``cumsum(attention_mask) - 1``), not by the padded column, so inputs need not be padded to exactly s
 and left/right padding agree (the official code requires ``pad_to_max_length``); ``strict_length``
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from zoo import backbone
 from zoo.errors import ConfigError
-from zoo.modules.prompting.soft_prompt import PromptInit, SoftPromptModule
+from zoo.modules.prompting.soft_prompt import PromptInit, SoftPromptAdapter
 from zoo.registry import register
 
 
@@ -57,8 +58,8 @@ class LowRankEmbeddingOffset(nn.Module):
         return self.scaling * (self.A[positions] @ self.B)
 
 
-class DePTModule(SoftPromptModule):
-    """Decomposed prompt tuning: short prompt (lr) + low-rank input-embedding offset (lowrank_lr)."""
+class DePT(SoftPromptAdapter):
+    """Decomposed prompt tuning: short prompt (the module's lr) + low-rank input-embedding offset (lowrank_lr)."""
 
     def __init__(
         self,
@@ -70,7 +71,7 @@ class DePTModule(SoftPromptModule):
         strict_length: bool = False,
         prompt_init: PromptInit = "vocab",
         init_seed: int = 0,
-        **kwargs: Any,
+        init_prompt: str | None = None,
     ) -> None:
         """
         Args:
@@ -78,17 +79,21 @@ class DePTModule(SoftPromptModule):
             rank: rank r of the offset A B (paper 30).
             max_seq_length: s, the rows of A = the longest input (paper 256; set to the data's max_length).
             lora_alpha: numerator of the offset scaling c = lora_alpha / sqrt(r) (release default 8).
-            lowrank_lr: learning rate of A and B (paper lr_lr grid 5e-4 / 5e-3); ``lr`` is the prompt's (lr_p).
+            lowrank_lr: learning rate of A and B (paper lr_lr grid 5e-4 / 5e-3); the module's ``lr`` is the
+                prompt's (lr_p).
             strict_length: require every batch to be exactly max_seq_length columns wide (official behaviour).
             prompt_init: ``vocab`` (sampled vocabulary embeddings) or ``random``.
             init_seed: seed of the prompt and offset initialisation.
-            **kwargs: the CausalLMModule arguments (model, lr, ...).
+            init_prompt: a ``prompt.pt`` of a DePT export with the same sizes to start from (transfer).
         """
+        if rank < 1 or max_seq_length < 1:
+            raise ConfigError(f"DePT needs rank >= 1 and max_seq_length >= 1, got rank={rank}, "
+                              f"max_seq_length={max_seq_length}")
         self._dept_args = dict(rank=rank, max_seq_length=max_seq_length, lora_alpha=lora_alpha,
                                strict_length=strict_length)
         self.lowrank_lr = lowrank_lr
         super().__init__(num_virtual_tokens=num_virtual_tokens, deep=False, prompt_init=prompt_init,
-                         init_seed=init_seed, **kwargs)
+                         init_seed=init_seed, init_prompt=init_prompt)
 
     def build_prompt(self, model: nn.Module) -> None:
         super().build_prompt(model)
@@ -105,20 +110,12 @@ class DePTModule(SoftPromptModule):
         training = self.training and torch.is_grad_enabled()
         return embeds + self.offset(positions, beyond="raise" if training else "zero").to(embeds.dtype)
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """{"prompt": [...], "lowrank": [...]}: the two learning-rate groups."""
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Two AdamW groups: every other trainable tensor (the prompt) at ``lr`` (lr_p), A and B at ``lowrank_lr``."""
         lowrank = {id(p) for p in self.offset.parameters()}
-        params = list(self.trainable_parameters().values())
-        return {"prompt": [p for p in params if id(p) not in lowrank],
-                "lowrank": [p for p in params if id(p) in lowrank]}
-
-    def configure_optimizers(self):
-        groups = self.parameter_groups()
-        optimizer = torch.optim.AdamW(
-            [{"params": groups["prompt"], "lr": self.hparams.lr, "name": "prompt"},
-             {"params": groups["lowrank"], "lr": self.lowrank_lr, "name": "lowrank"}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if id(p) not in lowrank], "lr": lr, "name": "prompt"},
+                {"params": [p for p in params if id(p) in lowrank], "lr": self.lowrank_lr, "name": "lowrank"}]
 
 
 def dept_trainable_count(m: int, r: int, s: int, d: int) -> int:
@@ -128,10 +125,10 @@ def dept_trainable_count(m: int, r: int, s: int, d: int) -> int:
 
 register(
     name="dept",
-    kind="module",
+    kind="adapter",
     paper="DePT: Decomposed Prompt Tuning for Parameter-Efficient Fine-tuning (2023)",
     spec="12",
     config="configs/dept.yaml",
-    target="zoo.modules.prompting.dept:DePTModule",
+    target="zoo.modules.prompting.dept:DePT",
     scope="decoder-only; no source-task transfer initialisation",
 )

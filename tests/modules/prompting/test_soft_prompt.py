@@ -16,12 +16,14 @@ from zoo.decoding import decode_ids, left_pad
 from zoo.harness.load import load_run
 from zoo.modules import CausalLMModule
 from zoo.modules.base import target_mask
+from zoo.modules.prompting.dept import DePT
 from zoo.modules.prompting.prompt_tuning import PrefixTuning, PromptTuning
 from zoo.modules.prompting.soft_prompt import SoftPromptAdapter, insert_virtual, position_ids_from_mask
 
 ADAPTERS = {
     "prompt_tuning": lambda: PromptTuning(num_virtual_tokens=3),
     "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=3),
+    "dept": lambda: DePT(num_virtual_tokens=2, rank=2, max_seq_length=96),  # tiny_data max_length
 }
 
 
