@@ -12,16 +12,16 @@ from many threads is safe). Before the program's first line runs, the launcher i
   ``/proc/<pid>/environ``, ``/mem`` or ``/fd`` of the parent cannot be read. Where the kernel has
   them, TCP bind/connect (ABI >= 4), signals and abstract unix sockets outside the domain (ABI >= 6)
   are refused too;
-* **seccomp** filters (built once in the zoo process by libseccomp through ``pyseccomp``, loaded raw
-  by the launcher): ``EPERM`` for process creation (fork, vfork, clone without ``CLONE_THREAD``,
+* **seccomp** filters (a deny list, default allow; built once in the zoo process by libseccomp through
+  ``pyseccomp``, loaded raw by the launcher): ``EPERM`` for process creation (fork, vfork, clone without ``CLONE_THREAD``,
   execve/execveat, so also ``subprocess``, ``os.system`` and ``_posixsubprocess.fork_exec``),
   signalling (kill, tgkill, pidfd_send_signal, ...), sockets (socket, socketpair, connect, bind,
   ...), ptrace and cross-process memory or limits, io_uring, mount / namespace / module / key /
   clock / identity syscalls, file metadata that Landlock does not cover (chmod, chown, utime,
-  xattr), file locks and leases, SysV / POSIX message IPC, and the TIOCSTI/TIOCLINUX ioctls; ``ENOSYS``
-  for clone3 (threads fall back to clone) and for every syscall number newer than this list knows
-  (>= ``NEWEST_SYSCALL + 1``), so a kernel that adds one does not open a hole; a foreign syscall ABI
-  (x32, i386) kills the process;
+  xattr), file locks and leases, SysV IPC and POSIX message queues, and the TIOCSTI/TIOCLINUX ioctls; ``ENOSYS``
+  for clone3 (threads fall back to clone) and for every syscall number above :data:`NEWEST_SYSCALL`
+  (469, Linux 6.17), so a syscall that a newer kernel adds does not open a hole in the deny list; a
+  foreign syscall ABI (x32, i386) kills the process;
 * resource limits: address space (``memory_mb``), CPU seconds, file size (``file_mb``: output and
   files it writes), no core dumps, 64 open files. The wall-clock timeout SIGKILLs the child's session.
 
@@ -32,12 +32,14 @@ completion, then the test code in the same namespace, compiled separately (a com
 it into a string or comment), takes ``check`` as the test defined it and calls it on ``entry_point``.
 
 **Passing** needs exit code 0 *and* a per-run sentinel: a random nonce that the zoo hands to the
-launcher through a pipe it closes before the program starts and that the launcher writes to a private
-pipe only after ``check`` (or the whole program) returns. ``sys.exit(0)``, ``exit()``, ``os._exit(0)``
-or an ``if __name__ == "__main__":`` block before the end is therefore a failure, not a pass.
+launcher through its stdin (replaced by ``/dev/null`` before the program starts) and that the launcher
+writes to a pipe only the zoo reads, after ``check`` (or the whole program) returns. ``sys.exit(0)``,
+``exit()`` or ``os._exit(0)`` before the end is therefore a failure, not a pass, and an
+``if __name__ == "__main__":`` block never runs.
 
-What the barrier is NOT: reads are not confined (the program can read any file the zoo process can,
-other processes' ``/proc`` entries excepted); CPU and memory are limited per process, not by a cgroup;
+What the barrier is NOT: reads are not confined (the program can read any file the zoo process can, as
+root any file, other processes' ``/proc`` entries excepted); the deny list is only as complete as its
+syscall table; CPU and memory are limited per process, not by a cgroup;
 and a program that sets out to forge a pass can (code in the same interpreter can find the launcher's
 nonce in memory, trace ``check`` or return objects whose ``==`` is always true): the sentinel defeats
 early exits, not an adversary gaming the score. It keeps the zoo's machine safe, not the score honest
