@@ -3,7 +3,7 @@
 Paper: Efficient Prompt Tuning by Multi-Space Projection and Prompt Fusion (2024; AAAI 2025).
 Spec: papers/06-ept.md. Official code: none found.
 
-Implements (on :class:`~zoo.modules.prompting.dept.DePTModule`: short prompt P_s, low-rank offset
+Implements (on the :class:`~zoo.modules.prompting.dept.DePT` adapter: short prompt P_s, low-rank offset
 Z = c*A B, two learning rates):
   1. prompt fusion ``P_f = P_s + softmax((P_s W_q)(Z W_k)^T / sqrt(d)) (Z W_v)`` (identity W_q/W_k/W_v
      unless ``fusion_projections``);
@@ -20,13 +20,14 @@ Not implemented: the 4-bit quantised backbone; SVD initialisation of A, B from a
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from zoo import backbone
-from zoo.modules.prompting.dept import DePTModule
+from zoo.errors import ConfigError
+from zoo.modules.prompting.dept import DePT
+from zoo.modules.prompting.soft_prompt import PromptInit
 from zoo.registry import register
 
 
@@ -76,22 +77,49 @@ class EPTPromptGenerator(nn.Module):
         return fused + torch.einsum("n,nme->me", g, projected)
 
 
-class EPTModule(DePTModule):
+class EPT(DePT):
     """EPT: DePT whose short prompt is fused with the low-rank offset and mixed over gated subspaces."""
 
-    def __init__(self, num_subspaces: int = 2, subspace_rank: int = 16, fusion: bool = True,
-                 fusion_projections: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_subspaces: int = 2,
+        subspace_rank: int = 16,
+        fusion: bool = True,
+        fusion_projections: bool = False,
+        num_virtual_tokens: int = 60,
+        rank: int = 30,
+        max_seq_length: int = 256,
+        lora_alpha: float = 8.0,
+        lowrank_lr: float = 5e-4,
+        strict_length: bool = False,
+        prompt_init: PromptInit = "vocab",
+        init_seed: int = 0,
+        init_prompt: str | None = None,
+    ) -> None:
         """
         Args:
             num_subspaces: N, the number of projection subspaces (0: none; unverified default 2).
             subspace_rank: k, the inner width of each projection P U_i V_i.
             fusion: attend from the short prompt to the low-rank offset matrix (prompt fusion).
             fusion_projections: learn W_q, W_k, W_v (d x d each, identity init) in the fusion.
-            **kwargs: the DePTModule arguments (num_virtual_tokens, rank, max_seq_length, lowrank_lr, ...).
+            num_virtual_tokens: short prompt length m (DePT's).
+            rank: rank r of the offset A B.
+            max_seq_length: s, the rows of A = the longest input (set to the data's max_length).
+            lora_alpha: numerator of the offset scaling c = lora_alpha / sqrt(r).
+            lowrank_lr: learning rate of A and B; the module's ``lr`` is the prompt's and the EPT modules'.
+            strict_length: require every batch to be exactly max_seq_length columns wide.
+            prompt_init: ``vocab`` (sampled vocabulary embeddings) or ``random``.
+            init_seed: seed of the prompt, offset and EPT-module initialisation.
+            init_prompt: a ``prompt.pt`` of an EPT export with the same sizes to start from.
         """
+        if num_subspaces < 0 or subspace_rank < 1 or num_virtual_tokens < 1:
+            raise ConfigError(f"EPT needs num_subspaces >= 0, subspace_rank >= 1 and num_virtual_tokens >= 1, got "
+                              f"{num_subspaces}, {subspace_rank}, {num_virtual_tokens}")
         self._ept_args = dict(num_subspaces=num_subspaces, subspace_rank=subspace_rank, fusion=fusion,
                               fusion_projections=fusion_projections)
-        super().__init__(**kwargs)
+        super().__init__(num_virtual_tokens=num_virtual_tokens, rank=rank, max_seq_length=max_seq_length,
+                         lora_alpha=lora_alpha, lowrank_lr=lowrank_lr, strict_length=strict_length,
+                         prompt_init=prompt_init, init_seed=init_seed, init_prompt=init_prompt)
 
     def build_prompt(self, model: nn.Module) -> None:
         super().build_prompt(model)
@@ -116,10 +144,10 @@ def ept_trainable_count(m: int, r: int, s: int, d: int, num_subspaces: int, k: i
 
 register(
     name="ept",
-    kind="module",
+    kind="adapter",
     paper="Efficient Prompt Tuning by Multi-Space Projection and Prompt Fusion (2024)",
     spec="06",
     config="configs/ept.yaml",
-    target="zoo.modules.prompting.ept:EPTModule",
+    target="zoo.modules.prompting.ept:EPT",
     scope="fusion/subspace/gate equations reconstructed (paper text unavailable); no 4-bit backbone",
 )

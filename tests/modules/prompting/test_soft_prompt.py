@@ -17,6 +17,7 @@ from zoo.harness.load import load_run
 from zoo.modules import CausalLMModule
 from zoo.modules.base import target_mask
 from zoo.modules.prompting.dept import DePT
+from zoo.modules.prompting.ept import EPT
 from zoo.modules.prompting.prompt_tuning import PrefixTuning, PromptTuning
 from zoo.modules.prompting.soft_prompt import SoftPromptAdapter, insert_virtual, position_ids_from_mask
 
@@ -24,6 +25,7 @@ ADAPTERS = {
     "prompt_tuning": lambda: PromptTuning(num_virtual_tokens=3),
     "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=3),
     "dept": lambda: DePT(num_virtual_tokens=2, rank=2, max_seq_length=96),  # tiny_data max_length
+    "ept": lambda: EPT(num_virtual_tokens=2, rank=2, max_seq_length=96, num_subspaces=2, subspace_rank=2),
 }
 
 
