@@ -28,7 +28,7 @@ Differs from the paper / official code: the pairs come from the PreferenceDataMo
 tasks: the worked solution vs a perturbed wrong one) instead of 64 solutions sampled per question
 and selected by answer frequency; the positive / negative models train on those chosen / rejected
 sides for ``contrast_steps`` steps instead of one epoch over selected samples; the reference is a
-frozen copy of the initial policy (or the adapter-free base with ``peft_config``).
+frozen copy of the initial policy (or, with an ``adapter``, the backbone with the adapter switched off).
 Not implemented: the sampling + answer-frequency data selection and the 64-rollout critical-token
 probe (both need large-scale generation).
 """
@@ -179,7 +179,7 @@ class CDPOModule(DPOModule):
             contrast_peft_config: peft config of the contrast fine-tunes (default LoRA r=8 on the MLP; ``{}``
                 = all parameters).
             cache_scores: keep each training pair's scores after its first visit (they never change).
-            **kwargs: DPOModule arguments (beta = DPO temperature, 0.1; reference; peft_config; model; lr; ...).
+            **kwargs: DPOModule arguments (beta = DPO temperature, 0.1; reference; adapter; model; lr; ...).
         """
         super().__init__(**kwargs)
         if contrast_models is not None and len(contrast_models) != 2:
