@@ -43,6 +43,7 @@ from zoo.modules.prompting.soft_prompt import (
     attention_geometry,
     make_prefix_cache,
 )
+from zoo.modules.qk import query_key_states
 from zoo.registry import register
 
 APTMode = Literal["apt_code", "simplified", "exact_prefix"]
@@ -162,15 +163,9 @@ class APT(SoftPromptAdapter):
         return hook
 
     def _exact(self, attn: nn.Module, layer: int, x: Tensor, kwargs: dict) -> Tensor:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         batch, length, _ = x.shape
-        shape = (batch, length, -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = query_key_states(attn, x, kwargs["position_embeddings"])  # the zoo's one q/k (RoPE) recompute
+        v = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
         cache = _cache_of(kwargs)
         if cache is not None:  # a cache without the prefix: the backbone already appended this step's k/v
             k, v = cache.layers[attn.layer_idx].keys, cache.layers[attn.layer_idx].values
