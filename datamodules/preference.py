@@ -53,6 +53,7 @@ from zoo.datamodules.sft import (
     read_hub,
     read_local,
 )
+from zoo.labels import target_mask
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 _RESULT = re.compile(r"(?<==\s)-?\d+(?:\.\d+)?|(?<==)-?\d+(?:\.\d+)?")
@@ -292,8 +293,6 @@ def preference_metrics(module, loader) -> dict[str, float]:
     objective pushes down on purpose, would mix two opposite goals); ``rejected_nll`` is the same on the
     rejected responses.
     """
-    from zoo.modules.base import target_mask
-
     was_training = module.training
     module.eval()
     reward_diffs, logp_diffs = [], []

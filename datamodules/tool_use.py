@@ -35,8 +35,7 @@ from zoo.datamodules.sft import (
     collate,
     fit_length,
 )
-from zoo.kernels.selected_ce import IGNORE_INDEX
-from zoo.modules.token_level.tl_training import (
+from zoo.datamodules.tool_calls import (
     KEY_ARGUMENT,
     KEY_TOOL_NAME,
     TLErrorTurnFilter,
@@ -45,6 +44,7 @@ from zoo.modules.token_level.tl_training import (
     token_at_char,
     tool_call_reward,
 )
+from zoo.kernels.selected_ce import IGNORE_INDEX
 
 TASK_NAME = "tool_use"
 _CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Rome", "Seoul", "Berlin", "Nairobi", "Austin"]

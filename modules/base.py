@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from zoo import backbone, decoding
 from zoo.errors import ConfigError, TrainingError
-from zoo.kernels.selected_ce import IGNORE_INDEX, selected_linear_cross_entropy
+from zoo.kernels.selected_ce import selected_linear_cross_entropy
+from zoo.labels import target_mask  # re-exported: methods import it from here
 from zoo.modules.adapters.base import Adapter, outermost_init_args
 from zoo.registry import register
 
@@ -60,13 +61,6 @@ class TokenSelector(Protocol):
     """A callback that weights or selects the tokens that train (shape (B, T), target-aligned)."""
 
     def select(self, module: CausalLMModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor: ...
-
-
-def target_mask(labels: Tensor) -> Tensor:
-    """(B, T) bool: tokens that are supervised. Column 0 has no context, so it never is."""
-    mask = labels != IGNORE_INDEX
-    mask[:, 0] = False
-    return mask
 
 
 def shift_for_prediction(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,15 +1,26 @@
-"""The method registry: one entry per method, declared by ``register(...)`` at the end of its file.
+"""The method registry: one entry per method, declared where the method's class is defined.
 
-``zoo list`` prints it, the README method table is generated from it (``python -m zoo list
---markdown``), and the test suite runs every registered config through ``fit --trainer.fast_dev_run``.
+Declare a method with the class decorator :func:`register_method` (it derives the class path, the kind
+from the base class and the config path ``configs/<name>.yaml``), or with :func:`register` spelling out
+every field. ``zoo list`` prints the registry, the README method table is generated from it (``python -m zoo
+list --markdown``), and the test suite runs every registered config through ``fit --trainer.fast_dev_run``.
+
+The registry is core: it imports no method. The packages that hold methods are named as data, by the
+``zoo.methods`` entry-point group of installed distributions (the zoo declares ``zoo.modules`` in its
+pyproject.toml; a user package can declare its own); :func:`methods` imports every module under them.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
+
+from zoo.errors import ConfigError, ZooError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,11 +53,68 @@ def register(name: str, kind: str, paper: str, spec: str, config: str, target: s
     return method
 
 
-def _import_all_methods() -> None:
-    import zoo.modules
+#: The entry-point group naming the packages that hold methods (value: an importable package or module).
+ENTRY_POINT_GROUP = "zoo.methods"
 
-    for info in pkgutil.walk_packages(zoo.modules.__path__, prefix="zoo.modules."):
-        importlib.import_module(info.name)
+#: The kind a method class gets from its nearest base class listed here (qualified names: the registry
+#: imports none of these classes).
+KIND_BY_BASE = {
+    "zoo.modules.adapters.base.Adapter": "adapter",
+    "zoo.modules.base.CausalLMModule": "module",
+    "lightning.pytorch.core.module.LightningModule": "module",
+    "lightning.pytorch.callbacks.callback.Callback": "callback",
+}
+
+T = TypeVar("T", bound=type)
+
+
+def register_method(name: str, paper: str, spec: str, scope: str = "full", *, kind: str | None = None,
+                    config: str | None = None) -> Callable[[T], T]:
+    """Class decorator: :func:`register` the decorated class as method ``name``.
+
+    Derived unless given: ``target`` from the class (``module:QualName``), ``kind`` from its base classes
+    (an ``Adapter`` is an "adapter", a ``CausalLMModule`` a "module", a Lightning ``Callback`` a
+    "callback"; see :data:`KIND_BY_BASE`), ``config`` = ``configs/<name>.yaml``."""
+
+    def decorate(cls: T) -> T:
+        register(name=name, kind=kind or kind_of(cls), paper=paper, spec=spec,
+                 config=config or f"configs/{name}.yaml", target=f"{cls.__module__}:{cls.__qualname__}",
+                 scope=scope)
+        return cls
+
+    return decorate
+
+
+def kind_of(cls: type) -> str:
+    """The registry kind of a method class, from its nearest base class in :data:`KIND_BY_BASE`."""
+    for base in cls.__mro__:
+        kind = KIND_BY_BASE.get(f"{base.__module__}.{base.__qualname__}")
+        if kind is not None:
+            return kind
+    raise ConfigError(f"{cls.__qualname__}: no registry kind derives from its base classes "
+                      f"({', '.join(b.__qualname__ for b in cls.__mro__[1:])}); pass kind=... to register_method")
+
+
+def method_packages() -> list[str]:
+    """The packages named by the ``zoo.methods`` entry points of the installed distributions.
+
+    Every distribution found on ``sys.path`` is read (not only the first of each name, as
+    ``metadata.entry_points`` does), so a stale ``*.egg-info`` left in the working directory by an old
+    build cannot hide the installed declaration."""
+    return sorted({entry.value for dist in metadata.distributions() for entry in dist.entry_points
+                   if entry.group == ENTRY_POINT_GROUP})
+
+
+def _import_all_methods() -> None:
+    """Import every module under the declared method packages, so their registrations run."""
+    packages = method_packages()
+    if not packages:
+        raise ZooError(f"no method packages are declared (entry-point group {ENTRY_POINT_GROUP!r}): the zoo's "
+                       "install predates them; reinstall it with `pip install --no-deps -e .`")
+    for name in packages:
+        package = importlib.import_module(name)
+        for info in pkgutil.walk_packages(getattr(package, "__path__", []), prefix=f"{name}."):
+            importlib.import_module(info.name)
 
 
 def methods() -> list[Method]:

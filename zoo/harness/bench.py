@@ -30,7 +30,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 import resource
 import shutil
 import subprocess
@@ -234,7 +233,7 @@ class StepTimer(Callback):
                 "train_tokens": sum(t for _, t in self.steps)}
 
 
-def cli_args(config: Path, seed: int, run_dir: Path, args: argparse.Namespace, overrides: list[str]) -> list[str]:
+def cli_args(config: Path, seed: int, args: argparse.Namespace, overrides: list[str]) -> list[str]:
     argv = ["--config", str(config)]
     if args.data_config:
         import yaml
@@ -246,17 +245,19 @@ def cli_args(config: Path, seed: int, run_dir: Path, args: argparse.Namespace, o
         argv += ["--model.init_args.model", args.model]
     if args.max_steps is not None:
         argv += ["--trainer.max_steps", str(args.max_steps)]
-    argv += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir)]
+    argv += ["--seed_everything", str(seed)]
     return argv + list(overrides)
 
 
-def build_cli(argv: list[str]):
-    from zoo.cli import lightning_main
+def build_cli(argv: list[str], run_dir: str | Path | None = None):
+    """The LightningCLI objects (trainer, model, datamodule) for ``argv``, nothing run; ``run_dir``: where
+    the run writes (its ``trainer.default_root_dir`` unless ``argv`` sets one)."""
+    from zoo.harness.runner import lightning_main
 
     program_argv = sys.argv
     sys.argv = sys.argv[:1]  # LightningCLI warns when both sys.argv and args hold arguments
     try:
-        return lightning_main(argv, run=False)
+        return lightning_main(argv, run=False, run_dir=run_dir)
     except SystemExit as err:  # jsonargparse already printed the precise cause
         raise BenchError(f"the config could not be parsed (arguments: {' '.join(argv)}); see the message above"
                          ) from err
@@ -360,32 +361,24 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
     run_dir = out / "runs" / f"{method}-s{seed}-steps{args.max_steps if args.max_steps is not None else 'config'}"
     if run_dir.exists():  # an interrupted run of this record: start it again
         shutil.rmtree(run_dir)
-    previous_run_dir = os.environ.get("ZOO_RUN_DIR")
-    os.environ["ZOO_RUN_DIR"] = str(run_dir)
-    try:
-        cli = build_cli(cli_args(config, seed, run_dir, args, overrides))
-        if args.base:
-            evaluate_base(cli, args, out, config, done, results)
-        trainer, module = cli.trainer, cli.model
-        if not args.keep_checkpoints:
-            drop_checkpointing(trainer)
-        timer = StepTimer()
-        trainer.callbacks.append(timer)
-        log(f"{position} {method} seed {seed}: training {trainer.max_steps} steps ...")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        reset_peak_rss()
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=cli.datamodule)
-        wall = time.perf_counter() - started
-        peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-        log(f"{position} {method} seed {seed}: trained in {wall:.1f} s, evaluating ...")
-        result = evaluate(module, cli.datamodule, args, run_dir / "completions.jsonl")
-    finally:
-        if previous_run_dir is None:
-            os.environ.pop("ZOO_RUN_DIR", None)
-        else:
-            os.environ["ZOO_RUN_DIR"] = previous_run_dir
+    cli = build_cli(cli_args(config, seed, args, overrides), run_dir=run_dir)
+    if args.base:
+        evaluate_base(cli, args, out, config, done, results)
+    trainer, module = cli.trainer, cli.model
+    if not args.keep_checkpoints:
+        drop_checkpointing(trainer)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    log(f"{position} {method} seed {seed}: training {trainer.max_steps} steps ...")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=cli.datamodule)
+    wall = time.perf_counter() - started
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    log(f"{position} {method} seed {seed}: trained in {wall:.1f} s, evaluating ...")
+    result = evaluate(module, cli.datamodule, args, run_dir / "completions.jsonl")
     trainable, total = count_parameters(module)
     record.update(backbone=backbone_of(module), module=type(module).__name__, dataset=data_block(cli).get("init_args", {}).get("dataset"),
                   run_dir=str(run_dir), **result, train_wall_s=wall, **timer.summary(), peak_rss_mb=peak_rss_mb(),
@@ -645,6 +638,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from zoo.cli import main as zoo_main
-
-    sys.exit(zoo_main(["bench", *sys.argv[1:]]))
+    sys.exit(main())
