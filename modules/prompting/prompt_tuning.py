@@ -67,12 +67,3 @@ register(
     target="zoo.modules.prompting.prompt_tuning:PrefixTuning",
     scope="no re-parameterisation MLP (as peft's default)",
 )
-
-
-def __getattr__(name: str) -> type:
-    """``PromptTuningModule`` / ``PrefixTuningModule``: the pre-adapter modules, kept until their last user goes."""
-    if name in ("PromptTuningModule", "PrefixTuningModule"):
-        from zoo.modules.prompting import _legacy_soft_prompt
-
-        return getattr(_legacy_soft_prompt, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

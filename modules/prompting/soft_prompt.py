@@ -319,12 +319,3 @@ def prompt_segment_lengths(batch: dict[str, Tensor]) -> Tensor:
         return (batch["segments"] == SEGMENT_PROMPT).sum(1)
     labels, mask = batch["labels"], batch["attention_mask"]
     return ((labels == -100) & (mask == 1)).long().cumprod(1).sum(1)
-
-
-def __getattr__(name: str) -> Any:
-    """``SoftPromptModule``: the pre-adapter module, kept until every prompt method is an adapter."""
-    if name == "SoftPromptModule":
-        from zoo.modules.prompting._legacy_soft_prompt import SoftPromptModule
-
-        return SoftPromptModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
