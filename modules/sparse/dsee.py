@@ -19,8 +19,9 @@ S keep training.
 Export: a plain HF model with ``W ⊙ M + ΔW`` merged into each target's weight (the spec's inference
 form), which ``transformers`` loads and which computes what the live module computes. The merge costs
 the q/v sparsity: ΔW = (α/r)BA + ... is dense, so (once B has trained) practically every pruned q/v
-entry becomes non-zero in the merged weight; the other block linears carry no update and keep their
-pruned zeros. :meth:`DSEE.export_state_dict` logs the figure ("merge: X% of pruned q/v entries become
+entry becomes non-zero in the merged weight (SmolLM2, 6 steps, pruned at step 3: 100.0% of 2,657,916,
+q/v sparsity 20% -> 0%); the other block linears carry no update and keep their pruned zeros.
+:meth:`DSEE.export_state_dict` logs the figure ("DSEE merge: X% of the N pruned entries ... become
 non-zero") and keeps it in :attr:`DSEE.merge_report`. (Keeping the q/v saving would need ΔW kept
 factorised or masked, which changes the function; the export keeps the function.)
 Differs: the decomposition's hard threshold is relative (``threshold_scale`` × std(W); the repo's
@@ -234,9 +235,10 @@ class DSEE(Adapter):
             state[key] = new
         pruned, revived = merge_sparsity(weights, merged)
         total = sum(w.numel() for w in weights)
-        self.merge_report = {"pruned": pruned, "revived": revived, "entries": total,
-                             "revived_fraction": revived / pruned if pruned else 0.0}
-        if pruned:
+        report = {"pruned": pruned, "revived": revived, "entries": total,
+                  "revived_fraction": revived / pruned if pruned else 0.0}
+        repeated, self.merge_report = report == self.merge_report, report  # one export asks twice: log once
+        if pruned and not repeated:
             rank_zero_info(f"DSEE merge: {100 * revived / pruned:.1f}% of the {pruned} pruned entries of the target "
                            f"weights become non-zero (the merged ΔW is dense); target sparsity "
                            f"{100 * pruned / total:.1f}% -> {100 * (pruned - revived) / total:.1f}%; the other "
