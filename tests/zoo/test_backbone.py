@@ -165,8 +165,8 @@ def test_smollm2_end_to_end_smoke(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
-    if not (REPO / "zoo" / "harness" / "bench.py").exists():
-        pytest.skip("zoo/harness/bench.py does not exist yet: bench smoke skipped (fit + export checked)")
+    if not (REPO / "zoo" / "harness" / "bench" / "__init__.py").exists():
+        pytest.skip("zoo/harness/bench/ does not exist yet: bench smoke skipped (fit + export checked)")
     out, data = tmp_path / "bench", tmp_path / "small_data.yaml"
     data.write_text("data:\n  class_path: zoo.datamodules.SFTDataModule\n  init_args:\n    dataset: gsm_symbolic\n"
                     "    num_train: 16\n    num_val: 4\n    num_test: 4\n    max_length: 256\n    batch_size: 4\n")

@@ -79,7 +79,7 @@ def test_missing_config_is_one_line_and_nonzero(tmp_path, capsys):
 
 def test_ckpt_without_an_export_is_a_clear_error(tmp_path, capsys):
     assert zoo_main(["bench", "--ckpt", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
-    assert "holds no HF export" in capsys.readouterr().err
+    assert "holds no export" in capsys.readouterr().err
 
 
 def test_data_overrides_keep_only_data_options_with_their_values():

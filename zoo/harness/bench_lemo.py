@@ -34,7 +34,7 @@ import torch
 from zoo import backbone
 from zoo.datamodules.packed import pack_rows
 from zoo.datamodules.sft import encode_example
-from zoo.harness.bench import trim_heap
+from zoo.harness.bench.memory import trim_heap
 from zoo.harness.step_cost import saved_tensor_bytes
 from zoo.kernels.selected_ce import selected_linear_cross_entropy
 from zoo.modules.sparse.lemo import LeMoSparseStrategy, MLPOptions, SelectionOptions

@@ -1,0 +1,209 @@
+"""Bench driver: the options, one training run per config x seed through the LightningCLI path, the sweep.
+
+Each run is built by :func:`zoo.harness.runner.lightning_main` with its run directory passed explicitly
+(``OUT/runs/<method>-s<seed>-steps<N>``), trained with :class:`~zoo.harness.bench.memory.StepTimer` and the
+memory probes, then evaluated; :func:`main` runs the sweep, going on past a failing run, and writes the
+report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zoo.harness.bench.evaluation import evaluate, evaluate_base, evaluate_checkpoint
+from zoo.harness.bench.memory import StepTimer, peak_rss_mb, reset_peak_rss
+from zoo.harness.bench.records import (
+    BenchError,
+    append_result,
+    backbone_of,
+    budget,
+    config_hash,
+    count_parameters,
+    data_block,
+    environment,
+    format_metrics,
+    load_results,
+    log,
+    method_name,
+    record_key,
+)
+from zoo.harness.bench.report import markdown, write_report
+
+DESCRIPTION = "``zoo bench``: train configs on one budget, evaluate them and the untuned base model, report."
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Bench options, and the LightningCLI overrides given after ``--``."""
+    argv = list(argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(
+        prog="zoo bench", description=DESCRIPTION,
+        epilog="Arguments after `--` go to LightningCLI for every config, e.g. "
+               "`-- --data.init_args.num_test 16 --model.init_args.lr 1e-4` "
+               "(with --ckpt only --data... ones apply).")
+    parser.add_argument("configs", nargs="*", help="method configs (YAML) to train and evaluate")
+    parser.add_argument("--ckpt", action="append", default=[],
+                        help="evaluate a run directory or an HF export folder instead of training "
+                             "(repeatable)")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="training steps per run (default: the config's)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="test records to generate for (default: all; 0: no generation, NLL only)")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per record")
+    parser.add_argument("--batch_size", type=int, default=16, help="generation batch size")
+    parser.add_argument("--out", default="runs/bench", help="output folder")
+    parser.add_argument("--model", default=None,
+                        help="override every config's backbone (model.init_args.model)")
+    parser.add_argument("--data-config", dest="data_config", default=None,
+                        help="YAML layered on every config: a file with a top-level data: block, "
+                             "or a data block")
+    parser.add_argument("--no-base", dest="base", action="store_false",
+                        help="skip the untuned base-model row")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep Lightning checkpoints of bench runs (default: only the HF export is "
+                             "written)")
+    args = parser.parse_args(argv)
+    try:
+        args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError as err:
+        raise BenchError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from err
+    if not args.configs and not args.ckpt:
+        raise BenchError("give at least one config (zoo bench configs/sft.yaml ...) or --ckpt RUN_DIR")
+    return args, overrides
+
+
+
+def cli_args(config: Path, seed: int, args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    argv = ["--config", str(config)]
+    if args.data_config:
+        import yaml
+
+        block = yaml.safe_load(Path(args.data_config).read_text()) or {}
+        top_level = {"data", "model", "trainer", "seed_everything"}
+        layered = isinstance(block, dict) and bool(top_level & set(block))
+        argv += ["--config" if layered else "--data", str(args.data_config)]
+    if args.model:
+        argv += ["--model.init_args.model", args.model]
+    if args.max_steps is not None:
+        argv += ["--trainer.max_steps", str(args.max_steps)]
+    argv += ["--seed_everything", str(seed)]
+    return argv + list(overrides)
+
+
+
+def build_cli(argv: list[str], run_dir: str | Path | None = None):
+    """The LightningCLI objects (trainer, model, datamodule) for ``argv``, nothing run; ``run_dir``: where
+    the run writes (its ``trainer.default_root_dir`` unless ``argv`` sets one)."""
+    from zoo.harness.runner import lightning_main
+
+    program_argv = sys.argv
+    sys.argv = sys.argv[:1]  # LightningCLI warns when both sys.argv and args hold arguments
+    try:
+        return lightning_main(argv, run=False, run_dir=run_dir)
+    except SystemExit as err:  # jsonargparse already printed the precise cause
+        raise BenchError(f"the config could not be parsed (arguments: {' '.join(argv)}); "
+                         "see the message above") from err
+    finally:
+        sys.argv = program_argv
+
+
+
+def drop_checkpointing(trainer) -> None:
+    """Bench runs keep the HF export only: remove checkpoint-writing callbacks."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer.callbacks[:] = [cb for cb in trainer.callbacks
+                            if not isinstance(cb, ModelCheckpoint) and type(cb).__name__ != "FinalCheckpoint"]
+
+
+
+def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overrides: list[str], out: Path,
+                       done: set, results: Path, position: str) -> None:
+    method = method_name(config)
+    record = {"method": method, "kind": "train", "config": str(config),
+              "config_hash": config_hash(config, args, overrides), "seed": seed,
+              "budget": budget(args, args.max_steps if args.max_steps is not None else "config")}
+    if record_key(record) in done:
+        log(f"{position} {method} seed {seed}: already in {results.name}, skipped")
+        return
+    steps = args.max_steps if args.max_steps is not None else "config"
+    run_dir = out / "runs" / f"{method}-s{seed}-steps{steps}"
+    if run_dir.exists():  # an interrupted run of this record: start it again
+        shutil.rmtree(run_dir)
+    cli = build_cli(cli_args(config, seed, args, overrides), run_dir=run_dir)
+    if args.base:
+        evaluate_base(cli, args, out, config, done, results)
+    trainer, module = cli.trainer, cli.model
+    if not args.keep_checkpoints:
+        drop_checkpointing(trainer)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    log(f"{position} {method} seed {seed}: training {trainer.max_steps} steps ...")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=cli.datamodule)
+    wall = time.perf_counter() - started
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    log(f"{position} {method} seed {seed}: trained in {wall:.1f} s, evaluating ...")
+    result = evaluate(module, cli.datamodule, args, run_dir / "completions.jsonl")
+    trainable, total = count_parameters(module)
+    record.update(backbone=backbone_of(module), module=type(module).__name__,
+                  dataset=data_block(cli).get("init_args", {}).get("dataset"), run_dir=str(run_dir), **result,
+                  train_wall_s=wall, **timer.summary(), peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda,
+                  trainable_params=trainable, total_params=total,
+                  steps=int(trainer.global_step), **environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    append_result(results, record)
+    done.add(record_key(record))
+    log(f"{position} {method} seed {seed}: {format_metrics(record)}")
+    del cli, module, trainer
+    gc.collect()
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    configs = [Path(c) for c in args.configs]
+    missing = [str(c) for c in configs if not c.is_file()]
+    if missing:
+        raise BenchError(f"config file(s) not found: {', '.join(missing)}")
+    if args.data_config and not Path(args.data_config).is_file():
+        raise BenchError(f"--data-config file not found: {args.data_config}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {record_key(r) for r in load_results(results)}
+    for path in args.ckpt:
+        evaluate_checkpoint(path, args, overrides, out, done, results)
+    jobs = [(config, seed) for config in configs for seed in args.seed_list]
+    failed: list[str] = []
+    for number, (config, seed) in enumerate(jobs, start=1):
+        try:
+            train_and_evaluate(config, seed, args, overrides, out, done, results, f"{number}/{len(jobs)}")
+        except Exception as err:  # one broken run must not cost the rest of a sweep
+            if len(jobs) == 1:
+                raise
+            log(f"{number}/{len(jobs)} {config} seed {seed}: FAILED ({type(err).__name__}: {err}); "
+                "going on with the next run")
+            failed.append(f"{config} (seed {seed})")
+            gc.collect()
+    rows = write_report(results, out)
+    log(f"{len(rows)} rows -> {out / 'results.md'}, {out / 'results.png'}, {results}")
+    if rows:
+        print(markdown(rows))
+    if failed:
+        raise BenchError(f"{len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}; "
+                         f"the others are in {results}")
+    return 0

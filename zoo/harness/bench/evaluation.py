@@ -1,0 +1,203 @@
+"""Bench evaluation: generation metrics and held-out NLL of a module; the base row; ``--ckpt`` exports.
+
+:func:`evaluate` scores any module on its data's test split; :func:`evaluate_base` adds the untuned
+backbone once per (backbone, data, budget); :func:`evaluate_checkpoint` rebuilds a run's own class from its
+export (``zoo.load``) and evaluates it on the run's data, or ``--data-config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.harness.bench.memory import peak_rss_mb, reset_peak_rss
+from zoo.harness.bench.records import (
+    BenchError,
+    append_result,
+    backbone_of,
+    budget,
+    count_parameters,
+    data_block,
+    digest,
+    environment,
+    format_metrics,
+    log,
+    record_key,
+)
+from zoo.harness.generation import generate_for_module, response_nll
+
+
+def evaluate(module, datamodule, args: argparse.Namespace,
+             completions_path: Path | None = None) -> dict[str, Any]:
+    """Generation metrics on the first ``limit`` test records, plus the test split's response NLL."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    module.to(device)
+    started = time.perf_counter()
+    records = datamodule.eval_records("test")
+    records = records[: args.limit] if args.limit is not None else records
+    completions = generate_for_module(module, [r["prompt"] for r in records],
+                                      max_new_tokens=args.max_new_tokens,
+                                      system_prompt=datamodule.hparams.get("system_prompt"),
+                                      batch_size=args.batch_size)
+    metrics = dict(datamodule.evaluation_metrics(records, completions)) if records else {}
+    main_metric = next(iter(metrics), None)
+    nll = response_nll(module, datamodule, "test")
+    metrics.update(nll=nll["nll"], ppl=nll["ppl"], nll_tokens=nll["tokens"])
+    if hasattr(datamodule, "preference_metrics"):  # held-out pairs: reward and log-prob accuracy / margin
+        metrics.update(datamodule.preference_metrics(module, split="test"))
+    if completions_path is not None:
+        completions_path.parent.mkdir(parents=True, exist_ok=True)
+        with completions_path.open("w", encoding="utf-8") as handle:
+            for record, completion in zip(records, completions):
+                score = datamodule.score_completion(record, completion)
+                handle.write(json.dumps({"prompt": record["prompt"], "answer": record.get("answer"),
+                                         "completion": completion, **score}, default=str) + "\n")
+    return {"metrics": metrics, "main_metric": main_metric, "eval_examples": len(records),
+            "eval_wall_s": time.perf_counter() - started}
+
+
+
+def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: set, results: Path) -> None:
+    """The untuned backbone on this config's data, once per (backbone, data, budget)."""
+    from zoo.modules.base import CausalLMModule
+
+    name = backbone_of(cli.model)
+    block = data_block(cli)
+    record = {"method": "base", "kind": "base", "config": str(config), "config_hash": digest(name, block),
+              "seed": None, "budget": budget(args, 0)}
+    if record_key(record) in done:
+        return
+    log(f"base ({name}): evaluating the untuned backbone ...")
+    reset_peak_rss()
+    module = CausalLMModule(model=name, export=False)
+    completions = out / "runs" / f"base-{record['config_hash']}" / "completions.jsonl"
+    result = evaluate(module, cli.datamodule, args, completions)
+    _, total = count_parameters(module)
+    record.update(backbone=name, dataset=block.get("init_args", {}).get("dataset"), **result,
+                  train_wall_s=0.0, tokens_per_s=None, peak_rss_mb=peak_rss_mb(), trainable_params=0,
+                  total_params=total, steps=0, **environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    append_result(results, record)
+    done.add(record_key(record))
+    log(f"base ({name}): {format_metrics(record)}")
+    del module
+    gc.collect()
+
+
+
+def resolve_checkpoint(path: str) -> tuple[Path, dict[str, Any] | None]:
+    """(export folder, the run's config as a dict or None) for a run directory or an export folder."""
+    import yaml
+
+    from zoo.harness.load import LoadError, export_folder
+
+    try:
+        export = export_folder(path)
+    except LoadError as err:
+        raise BenchError(f"--ckpt {err}") from err
+    folder = Path(path).expanduser()
+    candidates = (export.parent / "config.yaml", folder / "config.yaml")
+    run_config = next((p for p in candidates if p.exists()), None)
+    return export, (yaml.safe_load(run_config.read_text()) if run_config else None)
+
+
+
+def checkpoint_backbone(export: Path, run_config: dict[str, Any] | None, model_override: str | None) -> str:
+    """The backbone name a checkpoint's tokenizer and data come from."""
+    from zoo.harness.load import read_manifest
+
+    manifest = read_manifest(export) or {}
+    if model_override:
+        return model_override
+    if manifest.get("weights") == "full" or (not manifest and not (export / "adapter_config.json").exists()):
+        return str(export)
+    base = manifest.get("init_args", {}).get("model") or (run_config or {}).get("model", {}).get(
+        "init_args", {}).get("model")
+    if not base and (export / "adapter_config.json").exists():
+        base = json.loads((export / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise BenchError(f"{export}: cannot tell the backbone; pass --model NAME")
+    return str(base)
+
+
+
+def build_datamodule(args: argparse.Namespace, run_config: dict[str, Any] | None, tokenizer: str,
+                     overrides: list[str]):
+    """The data to evaluate a checkpoint on: --data-config, else the run's data block, else the default."""
+    import lightning as L
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    import zoo.datamodules  # noqa: F401  (importable class paths)
+
+    if args.data_config:
+        block = yaml.safe_load(Path(args.data_config).read_text()) or {}
+        block = block.get("data", block)
+    elif run_config and run_config.get("data"):
+        block = run_config["data"]
+    else:
+        block = {"class_path": "zoo.datamodules.SFTDataModule", "init_args": {}}
+    # The CLI links model -> data tokenizer and leaves the link target out of the saved config.
+    block = {**block, "init_args": {**(block.get("init_args") or {}), "tokenizer": tokenizer}}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    argv = ["--data", json.dumps(block)] + data_overrides(overrides)
+    try:
+        config = parser.parse_args(argv)
+        return parser.instantiate_classes(config).data, block
+    except Exception as err:  # jsonargparse raises its own error types
+        raise BenchError(f"cannot build the evaluation data ({block}): {err}") from err
+
+
+
+def data_overrides(overrides: list[str]) -> list[str]:
+    """The ``--data...`` options (with their values) among CLI overrides; the rest do not apply to --ckpt."""
+    kept, keep = [], False
+    for token in overrides:
+        if token.startswith("--"):
+            keep = token.startswith("--data")
+            if keep:
+                kept.append(token)
+            keep = keep and "=" not in token
+        elif keep:
+            kept.append(token)
+            keep = False
+    return kept
+
+
+
+def evaluate_checkpoint(path: str, args: argparse.Namespace, overrides: list[str], out: Path, done: set,
+                        results: Path) -> None:
+    from zoo.harness.load import load_run
+
+    export, run_config = resolve_checkpoint(path)
+    weights = sorted(p for p in export.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime) for p in weights]
+    name = f"ckpt:{export.parent.name if export.name == 'export' else export.name}"
+    record = {"method": name, "kind": "ckpt", "config": str(export),
+              "seed": (run_config or {}).get("seed_everything"), "budget": budget(args, "ckpt")}
+    backbone_name = checkpoint_backbone(export, run_config, args.model)
+    datamodule, block = build_datamodule(args, run_config, backbone_name, overrides)
+    record["config_hash"] = digest(str(export.resolve()), stamp, block)
+    if record_key(record) in done:
+        log(f"{name}: already in {results.name}, skipped")
+        return
+    log(f"{name}: loading {export} ...")
+    reset_peak_rss()
+    module = load_run(export, model=args.model)
+    completions = out / "runs" / f"{name.replace(':', '-')}" / "completions.jsonl"
+    result = evaluate(module, datamodule, args, completions)
+    trainable, total = count_parameters(module)
+    record.update(backbone=backbone_name, module=type(module).__name__,
+                  dataset=block.get("init_args", {}).get("dataset"), **result, train_wall_s=None,
+                  tokens_per_s=None, peak_rss_mb=peak_rss_mb(), trainable_params=trainable,
+                  total_params=total,
+                  steps=None, **environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    append_result(results, record)
+    done.add(record_key(record))
+    log(f"{name}: {format_metrics(record)}")

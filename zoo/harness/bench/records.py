@@ -1,0 +1,144 @@
+"""Bench records: identities (method name, config hash, budget, key), ``results.jsonl`` I/O, environment.
+
+A record is one JSON line per method x seed (or base / checkpoint); :func:`record_key` says when a rerun
+may skip it. :func:`count_parameters` and :func:`data_block` describe what a record measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import ZooError
+from zoo.registry import REPO_ROOT
+
+
+class BenchError(ZooError, ValueError):
+    """A bench argument is unusable (missing config, bad checkpoint folder, ...)."""
+
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+
+def method_name(config: str | Path) -> str:
+    """The registry entry whose config is this file, else the file stem."""
+    from zoo import registry
+
+    path = Path(config).resolve()
+    for method in registry.methods():
+        if method.config_path.resolve() == path:
+            return method.name
+    return path.stem
+
+
+
+def digest(*parts: Any) -> str:
+    """Short stable hash of text / JSON-able parts."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update((part if isinstance(part, str) else json.dumps(part, sort_keys=True, default=str)).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+
+def config_hash(config: Path, args: argparse.Namespace, overrides: list[str]) -> str:
+    extra = Path(args.data_config).read_text() if args.data_config else ""
+    return digest(config.read_text(), extra, args.model or "", overrides)
+
+
+
+def budget(args: argparse.Namespace, steps: int | str | None) -> dict[str, Any]:
+    return {"max_steps": steps, "limit": args.limit, "max_new_tokens": args.max_new_tokens}
+
+
+
+def record_key(record: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What makes a record unique: method, config hash, seed and budget."""
+    return (record["method"], record["config_hash"], str(record.get("seed")),
+            json.dumps(record.get("budget"), sort_keys=True))
+
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log(f"{path}:{number}: unreadable line skipped (an interrupted write?)")
+    return records
+
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+
+
+
+def environment() -> dict[str, Any]:
+    """Package versions and the git commit (``+dirty`` when tracked files changed)."""
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    packages = ("finetune-zoo", "torch", "lightning", "transformers", "peft", "datasets", "reasoning-gym")
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"versions": versions, "git_commit": commit}
+
+
+
+def backbone_of(module) -> str:
+    return str(getattr(module.hparams, "model", None) or module.hparams.get("model", "?"))
+
+
+
+def data_block(cli) -> dict[str, Any]:
+    """The parsed data block, without jsonargparse's bookkeeping (``__path__``: which file it came from),
+    so the same data reached through different config files has one identity."""
+    data = cli.config["data"]
+    block = data.as_dict() if hasattr(data, "as_dict") else dict(data)
+    return {key: value for key, value in block.items() if not (isinstance(key, str) and key.startswith("__"))}
+
+
+
+def count_parameters(module) -> tuple[int, int]:
+    """(trainable, total) parameters. Trainable: the adapter's paper-convention count where it defines one
+    (e.g. prefixes without their re-parameterisation MLP), else ``trainable_parameters()``."""
+    adapter = getattr(module, "adapter", None)
+    paper_count = adapter.trainable_count() if adapter is not None else None
+    chosen = module.trainable_parameters() if hasattr(module, "trainable_parameters") else {
+        n: p for n, p in module.named_parameters() if p.requires_grad}
+    trainable = paper_count if paper_count is not None else sum(p.numel() for p in chosen.values())
+    return trainable, sum(p.numel() for p in module.parameters())
+
+
+
+def format_metrics(record: dict[str, Any]) -> str:
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items()]
+    return ", ".join(parts)

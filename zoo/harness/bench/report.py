@@ -1,0 +1,115 @@
+"""Bench report: mean +- std over seeds per (method, backbone, budget), ``results.md`` and ``results.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from zoo.harness.bench.records import load_results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, backbone, budget): mean and std of each metric over seeds; base rows first."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        key = (record["method"], record.get("backbone"), json.dumps(record.get("budget"), sort_keys=True))
+        groups.setdefault(key, []).append(record)
+    rows = []
+    for (method, backbone_name, _), group in groups.items():
+        row = {"method": method, "backbone": backbone_name, "seeds": len(group),
+               "steps": group[0].get("steps"), "main_metric": group[0].get("main_metric")}
+        numeric: dict[str, list[float]] = {}
+        for record in group:
+            values = dict(record.get("metrics", {}))
+            for key in ("train_wall_s", "tokens_per_s", "peak_rss_mb", "trainable_params"):
+                values[key] = record.get(key)
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    numeric.setdefault(key, []).append(float(value))
+        row["stats"] = {key: mean_std(vals) for key, vals in numeric.items()}
+        rows.append(row)
+    rows.sort(key=lambda r: r["method"] != "base")
+    return rows
+
+
+
+def _cell(row: dict[str, Any], key: str | None, digits: int = 3) -> str:
+    if key is None or key not in row["stats"]:
+        return "-"
+    mean, std = row["stats"][key]
+    if row["seeds"] > 1:
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+
+EXTRA_COLUMNS = ("reward_accuracy", "reward_margin", "logp_accuracy", "logp_margin")
+
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    mains = sorted({r["main_metric"] for r in rows if r["main_metric"]})
+    extras = [key for key in EXTRA_COLUMNS if key not in mains and any(key in r["stats"] for r in rows)]
+    mains = mains + extras
+    header = ["method", "backbone", "steps", "seeds", *mains, "nll", "ppl", "train s", "tokens/s",
+              "peak RSS MB", "trainable params"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        trainable = r["stats"].get("trainable_params")
+        steps = "-" if r["steps"] is None else str(r["steps"])
+        cells = [f"`{r['method']}`", str(r["backbone"]), steps, str(r["seeds"]),
+                 *[_cell(r, m) for m in mains], _cell(r, "nll"), _cell(r, "ppl", 2),
+                 _cell(r, "train_wall_s", 1), _cell(r, "tokens_per_s", 0), _cell(r, "peak_rss_mb", 0),
+                 f"{int(trainable[0]):,}" if trainable else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["method"] if sum(x["method"] == r["method"] for x in rows) == 1 else
+              f"{r['method']}\n{r['backbone']}/{r['steps']}" for r in rows]
+    main = next((r["main_metric"] for r in rows if r["main_metric"]), None)
+    panels = [(main, main or "main metric"), ("nll", "held-out response NLL (lower is better)")]
+    figure, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(rows) + 3), 3.8))
+    for axis, (key, title) in zip(axes, panels):
+        stats = [r["stats"].get(key, (float("nan"), 0.0)) if key else (float("nan"), 0.0) for r in rows]
+        colors = ["0.6" if r["method"] == "base" else "C0" for r in rows]
+        bars = axis.bar(range(len(rows)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4,
+                        color=colors)
+        axis.bar_label(bars, labels=[f"{s[0]:.3g}" for s in stats], fontsize=8, padding=2)
+        finite = [s[0] for s in stats if math.isfinite(s[0])]
+        if key == main and finite and all(0.0 <= v <= 1.0 for v in finite):
+            axis.set_ylim(0.0, 1.05)  # a fraction (exact match, accuracy): show it on its full scale
+        axis.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle("zoo bench: mean ± std over seeds", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+
+def write_report(results: Path, out: Path) -> list[dict[str, Any]]:
+    rows = summarize(load_results(results))
+    if rows:
+        (out / "results.md").write_text(markdown(rows))
+        plot(rows, out / "results.png")
+    return rows
