@@ -44,7 +44,6 @@ from zoo.datamodules.sft import (
     LOCAL_SUFFIXES,
     DataError,
     EncodedDataset,
-    EpochShuffleSampler,
     SFTDataModule,
     collate,
     encode_example,
@@ -249,16 +248,8 @@ class PreferenceDataModule(SFTDataModule):
         return EncodedDataset(rows)
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.encoded:
-            raise DataError(f"the data source has no {split} split")
-        return DataLoader(
-            self.encoded[split],
-            batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
-            sampler=EpochShuffleSampler(self.encoded[split], self.shuffle_seed()) if shuffle else None,
-            num_workers=self.hparams.num_workers,
-            collate_fn=functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id),
-        )
+    def collate_function(self):
+        return collate_pairs
 
     def side_dataloader(self, side: Literal["chosen", "rejected"], split: str = "train",
                         shuffle: bool = True) -> DataLoader:

@@ -112,9 +112,45 @@ class EpochShuffleSampler(RandomSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+    def __iter__(self) -> EpochShuffleIterator:
+        return EpochShuffleIterator(self, self.epoch)
+
+
+class EpochShuffleIterator:
+    """One epoch of an :class:`EpochShuffleSampler`, with its position as state (torchdata's ``Stateful``):
+    a resumed ``StatefulDataLoader`` restores the epoch's order and skips what was already served."""
+
+    def __init__(self, sampler: EpochShuffleSampler, epoch: int) -> None:
+        self.sampler = sampler
+        self.load_state_dict({"epoch": epoch, "yielded": 0})
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
+        generator = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
+        self.order = torch.randperm(len(self.sampler.data_source), generator=generator).tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def __iter__(self) -> EpochShuffleIterator:
+        return self
+
+    def __next__(self) -> int:
+        if self.yielded >= len(self.order):
+            raise StopIteration
+        self.yielded += 1
+        return self.order[self.yielded - 1]
+
+
+def resumable_loader(training: bool) -> type[DataLoader]:
+    """The loader class: torchdata's ``StatefulDataLoader`` for training (Lightning saves its position in
+    checkpoints, so a run resumed inside an epoch continues at the same batch instead of replaying the
+    epoch), a plain ``DataLoader`` for evaluation."""
+    if not training:
+        return DataLoader
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader
 
 
 class EncodedDataset(Dataset):
@@ -319,13 +355,17 @@ class SFTDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.encoded:
             raise DataError(f"the data source has no {split} split")
-        return DataLoader(
+        return resumable_loader(shuffle)(
             self.encoded[split],
             batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
             sampler=EpochShuffleSampler(self.encoded[split], self.shuffle_seed()) if shuffle else None,
             num_workers=self.hparams.num_workers,
-            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
+            collate_fn=functools.partial(self.collate_function(), pad_id=self.tokenizer.pad_token_id),
         )
+
+    def collate_function(self):
+        """``collate(rows, pad_id) -> batch`` for this data (subclasses with extra fields override it)."""
+        return collate
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -18,13 +18,11 @@ JSON equality), ``exact_match`` (both) and the IRM ``reward``.
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from zoo.datamodules.sft import (
     SEGMENT_ANSWER,
@@ -256,18 +254,8 @@ class ToolUseDataModule(SFTDataModule):
                             "raise max_length")
         return EncodedDataset(rows)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.encoded:
-            raise DataError(f"the data source has no {split} split")
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            self.encoded[split],
-            batch_size=self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            num_workers=self.hparams.num_workers,
-            collate_fn=functools.partial(collate_tool_use, pad_id=self.tokenizer.pad_token_id),
-        )
+    def collate_function(self):
+        return collate_tool_use
 
     # ------------------------------------------------------------------ harness hooks
     def score_completion(self, record: dict[str, Any], completion: str) -> dict[str, float]:

@@ -12,8 +12,8 @@ For each method in :func:`zoo.registry.methods`, on the tiny backbone, through t
                response NLL of the in-process evaluation of that run (2e-4), which differs from the
                untuned base's;
 ``resume``     (methods with state outside the weights, and SFT as the control) a run stopped inside an
-               epoch and resumed ends bitwise equal to an uninterrupted run. Known to fail for every method
-               today (data loaders restart the epoch): marked xfail(strict) and slow, see the test.
+               epoch and resumed from the checkpoint taken then ends bitwise equal to an uninterrupted run
+               (the training loaders are resumable: torchdata's StatefulDataLoader).
 
 A method that cannot meet a row declares it in its registry ``scope`` as ``contract-exempt: <row>: <reason>``;
 the matrix then checks the row fails as declared (an xfail with the reason, strict), never a bare skip.
@@ -69,11 +69,12 @@ def data_args(name: str) -> list[str]:
     return SFT_DATA if issubclass(data_class, SFTDataModule) else []
 
 
-def build(name: str, root: Path, steps: int, extra: tuple[str, ...] = ()):
+def build(name: str, root: Path, steps: int, extra: tuple[str, ...] = (), checkpointing: bool = False):
     from zoo.cli import lightning_main
 
     config = registry.get(name).config_path
-    args = ["--config", str(config), "--model.init_args.model", "tiny-llama", *data_args(name), *TRAINER,
+    trainer = TRAINER[:-2] if checkpointing else TRAINER
+    args = ["--config", str(config), "--model.init_args.model", "tiny-llama", *data_args(name), *trainer,
             "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(root), "--seed_everything", "0",
             *extra]
     return lightning_main(args, run=False)
@@ -210,22 +211,19 @@ def _final_state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="mid-epoch resume replays data: the training loaders are not resumable yet "
-                   "(Lightning restarts the epoch; a torchdata StatefulDataLoader attempt replayed one batch). "
-                   "Issue 17; strict, so the row alerts once it holds")
 @pytest.mark.parametrize("name", sorted(STATEFUL & set(_names())))
 def test_resume_inside_an_epoch_is_bitwise(name, tmp_path):
+    """Preempted at step 3 (inside the second epoch of the tiny data) and resumed from the checkpoint taken
+    then, a run ends bitwise equal to the uninterrupted run: weights, optimizer and the data position."""
     _check(name, "resume")
-    # Stop after 3 steps (inside the second epoch of the tiny data), resume to 8: the training loader is
-    # resumable (its position is in the checkpoint), so the resumed run sees the same batches.
-    straight = build(name, tmp_path / "straight", steps=8)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    straight = build(name, tmp_path / "straight", steps=6, checkpointing=True)
+    straight.trainer.callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3,
+                                                      save_top_k=-1, save_last=False))
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
-    first = build(name, tmp_path / "first", steps=3)
-    first.trainer.fit(first.model, datamodule=first.datamodule)
-    checkpoint = tmp_path / "first.ckpt"
-    first.trainer.save_checkpoint(checkpoint)
-    resumed = build(name, tmp_path / "resumed", steps=8)
+    checkpoint = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    resumed = build(name, tmp_path / "resumed", steps=6)
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(checkpoint))
     expected, got = _final_state(straight.model), _final_state(resumed.model)
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
