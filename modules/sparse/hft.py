@@ -28,7 +28,7 @@ from torch import nn
 
 from zoo import backbone
 from zoo.modules.sparse.param_mask import ParameterMaskCallback, Selection, rebuild_optimizer
-from zoo.registry import register
+from zoo.registry import register_method
 
 CATEGORIES = ("attention", "ffn", "norm")
 
@@ -128,6 +128,12 @@ def half_reset(finetuned: nn.Module, base: nn.Module, seed: int, ratio: float = 
     return reset
 
 
+@register_method(
+    name="hft",
+    paper="HFT: Half Fine-Tuning for Large Language Models (2024)",
+    spec="21",
+    scope="selection + half-reset tool; TRACE/DPO stage sequences are user-side configs",
+)
 class HalfFineTuningCallback(ParameterMaskCallback):
     """HFT: freeze a seeded random half of each block's matrices per stage (or per epoch)."""
 
@@ -165,14 +171,3 @@ class HalfFineTuningCallback(ParameterMaskCallback):
         report = trainable_report(pl_module)
         print(f"[zoo] HFT stage {self.stage}: trains {report['block_fraction']:.1%} of block parameters, "
               f"{report['model_fraction']:.1%} of the model")
-
-
-register(
-    name="hft",
-    kind="callback",
-    paper="HFT: Half Fine-Tuning for Large Language Models (2024)",
-    spec="21",
-    config="configs/hft.yaml",
-    target="zoo.modules.sparse.hft:HalfFineTuningCallback",
-    scope="selection + half-reset tool; TRACE/DPO stage sequences are user-side configs",
-)

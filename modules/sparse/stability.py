@@ -35,7 +35,7 @@ from torch import nn
 
 from zoo import backbone
 from zoo.modules.sparse.param_mask import ParameterMaskCallback, Selection, layer_parameter_names
-from zoo.registry import register
+from zoo.registry import register_method
 
 
 def layer_depths(module: nn.Module) -> dict[str, int]:
@@ -72,6 +72,12 @@ def reinit_module(module: nn.Module, std: float, generator: torch.Generator) -> 
                 sub.bias.zero_()
 
 
+@register_method(
+    name="stability",
+    paper="Fine-Tuning Large Neural Language Models for Biomedical Natural Language Processing (2021)",
+    spec="32",
+    scope="LLRD / freeze / re-init + seed report; BLURB tasks and classifier heads left out",
+)
 class FinetuneStabilizer(ParameterMaskCallback):
     """Layer-wise LR decay (ξ), frozen bottom blocks (k) and re-initialised top blocks (r)."""
 
@@ -164,14 +170,3 @@ def stability_report(records: list[dict[str, Any]], metric: str, fail_threshold:
                          "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                          "min": min(values), "max": max(values), "failed": failed}
     return report
-
-
-register(
-    name="stability",
-    kind="callback",
-    paper="Fine-Tuning Large Neural Language Models for Biomedical Natural Language Processing (2021)",
-    spec="32",
-    config="configs/stability.yaml",
-    target="zoo.modules.sparse.stability:FinetuneStabilizer",
-    scope="LLRD / freeze / re-init + seed report; BLURB tasks and classifier heads left out",
-)

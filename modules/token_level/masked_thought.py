@@ -44,7 +44,7 @@ from torch import Tensor
 
 from zoo.datamodules.sft import SEGMENT_REASONING
 from zoo.kernels.selected_ce import IGNORE_INDEX
-from zoo.registry import register
+from zoo.registry import register_method
 
 MASK_TOKEN = "<mask>"
 
@@ -122,6 +122,12 @@ def add_mask_token(model: torch.nn.Module, tokenizer, token: str = MASK_TOKEN) -
     return new_id
 
 
+@register_method(
+    name="masked_thought",
+    paper="Masked Thought: Simply Masking Partial Reasoning Steps Can Improve Mathematical Reasoning "
+          "Learning of Language Models (2024)",
+    spec="18",
+)
 class MaskedThoughtCallback(Callback):
     """Masked Thought: corrupt response input tokens during training (labels unchanged)."""
 
@@ -193,14 +199,3 @@ class MaskedThoughtCallback(Callback):
         batch["input_ids"] = corrupted
         if self.drop_attention:
             batch["attention_mask"] = batch["attention_mask"] * (~replaced).to(batch["attention_mask"].dtype)
-
-
-register(
-    name="masked_thought",
-    kind="callback",
-    paper="Masked Thought: Simply Masking Partial Reasoning Steps Can Improve Mathematical Reasoning "
-          "Learning of Language Models (2024)",
-    spec="18",
-    config="configs/masked_thought.yaml",
-    target="zoo.modules.token_level.masked_thought:MaskedThoughtCallback",
-)

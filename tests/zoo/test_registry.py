@@ -69,3 +69,54 @@ def test_markdown_table_has_one_row_per_method():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == f"`{method.name}`" and cells[1] == method.kind
         assert f"`{method.config}`" in cells
+
+
+def test_the_decorator_derives_the_entry_the_explicit_call_spelled_out():
+    # the register(...) call masked_thought.py had before it used @register_method, field by field
+    expected = registry.Method(
+        name="masked_thought", kind="callback",
+        paper="Masked Thought: Simply Masking Partial Reasoning Steps Can Improve Mathematical Reasoning "
+              "Learning of Language Models (2024)",
+        spec="18", config="configs/masked_thought.yaml",
+        target="zoo.modules.token_level.masked_thought:MaskedThoughtCallback", scope="full")
+    assert registry.get("masked_thought") == expected
+
+
+def test_kind_comes_from_the_nearest_known_base_class(scratch_registry):
+    from lightning.pytorch import Callback
+
+    from zoo.errors import ConfigError
+    from zoo.modules.adapters.base import Adapter
+    from zoo.modules.base import CausalLMModule
+    from zoo.modules.sparse.param_mask import ParameterMaskCallback
+
+    class Objective(CausalLMModule):
+        pass
+
+    class Wrapper(Adapter):
+        pass
+
+    class Selector(ParameterMaskCallback):  # a Callback two levels up
+        pass
+
+    class Plain:
+        pass
+
+    decorate = scratch_registry.register_method
+    assert decorate(name="zz-objective", paper="P", spec="99")(Objective) is Objective  # the class, unchanged
+    decorate(name="zz-wrapper", paper="P", spec="99", config="configs/sft.yaml")(Wrapper)
+    decorate(name="zz-selector", paper="P", spec="99", kind="strategy")(Selector)  # an explicit kind wins
+    entries = {name: scratch_registry.get(name) for name in ("zz-objective", "zz-wrapper", "zz-selector")}
+    assert [e.kind for e in entries.values()] == ["module", "adapter", "strategy"]
+    assert entries["zz-objective"].config == "configs/zz-objective.yaml"
+    assert entries["zz-wrapper"].config == "configs/sft.yaml"
+    assert entries["zz-objective"].target.endswith(":test_kind_comes_from_the_nearest_known_base_class.<locals>."
+                                                   "Objective")
+    assert scratch_registry.kind_of(Callback) == "callback" and scratch_registry.kind_of(Selector) == "callback"
+    with pytest.raises(ConfigError, match="kind="):
+        decorate(name="zz-plain", paper="P", spec="99")(Plain)
+
+
+def test_method_packages_come_from_the_installed_entry_points():
+    # pyproject.toml: [project.entry-points."zoo.methods"] zoo = "zoo.modules"
+    assert "zoo.modules" in registry.method_packages()
