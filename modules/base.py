@@ -345,7 +345,12 @@ class CausalLMModule(L.LightningModule):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``: FSDP2-shard each decoder layer, then the whole model."""
+        """Under ``ModelParallelStrategy``: FSDP2-shard each decoder layer, then the whole model.
+
+        Tensors outside ``self.model`` (the adapter's, an objective's heads) stay replicated on every rank;
+        their gradients are averaged across ranks after each backward (:meth:`on_after_backward`), as DDP
+        would. Adapters with their own forward (soft prompts, prefixes) call parts of the backbone outside its
+        root forward, where FSDP2 has not gathered the root's parameters: they are refused with DDP named."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         if type(strategy).__name__ != "ModelParallelStrategy":
             return
@@ -353,12 +358,32 @@ class CausalLMModule(L.LightningModule):
 
         if isinstance(self.model, FSDPModule):  # configure_model may be called more than once
             return
+        if type(self.adapter).hidden_states is not Adapter.hidden_states:
+            raise ConfigError(f"{type(self.adapter).__name__} runs its own forward through the backbone, which "
+                              "FSDP2 (ModelParallelStrategy) does not support here: use configs/strategies/ddp.yaml")
         mesh = strategy.device_mesh["data_parallel"]
         for layer in backbone.decoder_layers(self.model):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
+        self._replicated = [p for n, p in self.named_parameters() if not n.startswith("model.")]
+
+    def on_after_backward(self) -> None:
+        """Average the gradients of replicated (unsharded) tensors across ranks under FSDP2."""
+        replicated = [p for p in getattr(self, "_replicated", []) if p.grad is not None]
+        if not replicated or not torch.distributed.is_initialized():
+            return
+        world = torch.distributed.get_world_size()
+        for param in replicated:
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(world)
 
     # ------------------------------------------------------------------ checkpoint + export
+    def trainable_count(self) -> int:
+        """The trainable-parameter figure every report uses: the adapter's paper-convention count where it
+        defines one (e.g. prefixes without their re-parameterisation MLP), else ``trainable_parameters()``."""
+        paper = self.adapter.trainable_count()
+        return paper if paper is not None else sum(p.numel() for p in self.trainable_parameters().values())
+
     def trainable_state_names(self) -> set[str]:
         """State-dict keys of the trainable tensors (by tensor, not by name: tied aliases included)."""
         trainable_ids = {id(p) for p in self.trainable_parameters().values()}
@@ -404,7 +429,7 @@ class CausalLMModule(L.LightningModule):
         extra = self.export_extra_state(weights)
         if self._trainer is None or self.trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
-            if weights in ("full", "peft"):
+            if weights in ("full", "merged", "peft"):
                 self.exportable_model().save_pretrained(directory, state_dict=state_dict)
             self.tokenizer.save_pretrained(directory)
             self.adapter.export_extras(directory)
@@ -412,17 +437,18 @@ class CausalLMModule(L.LightningModule):
                 save_file(extra, str(directory / EXPORT_STATE))
             manifest = {"format": 1, "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
                         "init_args": self.export_init_args(merged=merged is not None), "weights": weights,
-                        "state": EXPORT_STATE if extra else None}
+                        "state": EXPORT_STATE if extra else None, "trainable_params": self.trainable_count()}
             (directory / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=list) + "\n")
         if self._trainer is not None:
             self.trainer.strategy.barrier("zoo-export")
         return directory
 
-    def export_weights_kind(self, merged: bool) -> Literal["full", "peft", "none"]:
-        """``full``: an HF model with the trained backbone; ``peft``: a peft adapter; ``none``: the backbone did
-        not train (soft prompts, parallel adapters): a reload starts from the original backbone."""
+    def export_weights_kind(self, merged: bool) -> Literal["full", "merged", "peft", "none"]:
+        """``full``: an HF model with the trained backbone; ``merged``: the same with the adapter's update merged
+        in (DSEE); ``peft``: a peft adapter; ``none``: the backbone did not train (soft prompts, parallel
+        adapters): a reload starts from the original backbone."""
         if merged:
-            return "full"
+            return "merged"
         if not any(p.requires_grad for p in self.model.parameters()):
             return "none"
         return "peft" if hasattr(self.model, "peft_config") else "full"
@@ -431,8 +457,8 @@ class CausalLMModule(L.LightningModule):
         """Trained tensors (and persistent buffers outside the backbone) that the HF files do not carry."""
         trainable = self.trainable_state_names()
         covered = "model." if weights == "full" else None
-        if weights == "full" and self.adapter.export_state_dict() is not None:
-            return {}  # merged: the adapter's update is inside the HF weights
+        if weights == "merged":
+            return {}  # the adapter's update is inside the HF weights
         state = self.state_dict()
         keep = {k for k in trainable if not (covered and k.startswith(covered))}
         keep |= {k for k, _ in self.named_buffers() if not k.startswith("model.") and k in state}

@@ -85,12 +85,13 @@ def _load_manifest(export: Path, manifest: dict[str, Any], model: str | None) ->
     cls = import_class(manifest["class_path"])
     init = dict(manifest["init_args"])
     adapter = instantiate(init.pop("adapter", None))
-    if manifest["weights"] == "full":
+    if manifest["weights"] in ("full", "merged"):
         init["model"] = str(export)
     elif model is not None:
         init["model"] = model
     init["export"] = False
     module = cls(**init, adapter=adapter) if adapter is not None else cls(**init)
+    module.export_manifest = manifest  # what was trained (e.g. the run's trainable count), for reports
     module.adapter.load_export_extras(export)
     if manifest.get("state"):
         from safetensors.torch import load_file

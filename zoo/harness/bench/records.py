@@ -128,15 +128,14 @@ def data_block(cli) -> dict[str, Any]:
 
 
 def count_parameters(module) -> tuple[int, int]:
-    """(trainable, total) parameters. Trainable: the adapter's paper-convention count where it defines one
-    (e.g. prefixes without their re-parameterisation MLP), else ``trainable_parameters()``."""
-    adapter = getattr(module, "adapter", None)
-    paper_count = adapter.trainable_count() if adapter is not None else None
-    chosen = module.trainable_parameters() if hasattr(module, "trainable_parameters") else {
-        n: p for n, p in module.named_parameters() if p.requires_grad}
-    trainable = paper_count if paper_count is not None else sum(p.numel() for p in chosen.values())
+    """(trainable, total) parameters. Trainable: what the run trained (a reloaded export's own record), else
+    the module's ``trainable_count()`` (the adapter's paper convention where it has one)."""
+    manifest = getattr(module, "export_manifest", None) or {}
+    trainable = manifest.get("trainable_params")
+    if trainable is None:
+        trainable = module.trainable_count() if hasattr(module, "trainable_count") else sum(
+            p.numel() for p in module.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in module.parameters())
-
 
 
 def format_metrics(record: dict[str, Any]) -> str:
