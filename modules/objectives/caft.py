@@ -289,5 +289,7 @@ register(
     spec="05",
     config="configs/caft.yaml",
     target="zoo.modules.objectives.caft:CAFTModule",
-    scope="heads pre-trained on zoo data (not the authors' corpus / released heads); no residual-linear heads",
+    scope="heads pre-trained on zoo data (not the authors' corpus / released heads); no residual-linear heads; "
+          "contract-exempt: trainable: the auxiliary heads pre-train at fit start (the paper's first stage) and are "
+          "frozen for the fine-tune, so they change without being reported trainable",
 )

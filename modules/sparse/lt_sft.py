@@ -226,6 +226,9 @@ class LotteryTicketSFT(ParameterMaskCallback):
             path = self.delta.save(Path(trainer.default_root_dir) / self.delta_path)
             print(f"[zoo] LT-SFT: {self.delta.num_entries} nonzero differences (K={self.budget()}) -> {path}")
 
+    def held_tensors(self) -> list[dict[str, Tensor]]:
+        return [*super().held_tensors(), self.theta0]
+
     def extra_state(self) -> dict[str, Any]:
         # theta0 is needed to select (phase 1) and is the anchor of the masked entries (phase 2, in anchors)
         return {"theta0": {k: v.cpu() for k, v in self.theta0.items()}}

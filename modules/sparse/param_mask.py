@@ -1,4 +1,5 @@
-"""Parameter selection: the shared mechanism behind HFT, LT-SFT, GreenTrainer, stability recipes, personalisation.
+"""Parameter selection: the shared mechanism behind HFT, LT-SFT, GreenTrainer, stability recipes,
+personalisation.
 
 Design (one Callback base class, no change to ``CausalLMModule``):
 
@@ -57,14 +58,16 @@ from zoo.errors import ConfigError
 
 @dataclass
 class Selection:
-    """What trains: ``trainable`` tensor names (None = leave ``requires_grad`` as is) and elementwise masks."""
+    """What trains: ``trainable`` tensor names (None = leave ``requires_grad`` as is) and elementwise
+    masks."""
 
     trainable: set[str] | None = None
     masks: dict[str, Tensor] = field(default_factory=dict)
 
 
 def named_trainable_candidates(module: nn.Module) -> dict[str, nn.Parameter]:
-    """Every parameter of ``module`` by name (shared/tied tensors once, as ``named_parameters`` gives them)."""
+    """Every parameter of ``module`` by name (shared/tied tensors once, as ``named_parameters`` gives
+    them)."""
     return dict(module.named_parameters())
 
 
@@ -109,14 +112,15 @@ def rebuild_optimizer(trainer: L.Trainer, carry_state: bool = True, carry_schedu
             elif len(state.get("base_lrs", ())) == len(scheduler.optimizer.param_groups):
                 scheduler.load_state_dict(state)
             else:
-                raise ConfigError(f"cannot carry a {type(scheduler).__name__}'s state across an optimizer rebuild "
-                                  "that changes the number of parameter groups: use the module's scheduler "
-                                  "(a LambdaLR) or a closed-form one")
+                raise ConfigError(f"cannot carry a {type(scheduler).__name__}'s state across an optimizer "
+                                  "rebuild that changes the number of parameter groups: use the module's "
+                                  "scheduler (a LambdaLR) or a closed-form one")
 
 
 def has_closed_form(scheduler: Any) -> bool:
     """Whether a scheduler's lr is a function of its position alone (``LambdaLR``, ``StepLR``, ...)."""
-    return isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or hasattr(scheduler, "_get_closed_form_lr")
+    return (isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+            or hasattr(scheduler, "_get_closed_form_lr"))
 
 
 def move_schedule(scheduler: Any, last_epoch: int, step_count: int | None = None) -> None:
@@ -168,7 +172,8 @@ class ParameterMaskCallback(L.Callback):
 
     # ------------------------------------------------------------------ the mechanism
     def apply_selection(self, module: nn.Module, selection: Selection) -> None:
-        """Set ``requires_grad`` from ``selection.trainable`` and install elementwise masks (anchors = now)."""
+        """Set ``requires_grad`` from ``selection.trainable`` and install elementwise masks (anchors =
+        now)."""
         params = named_trainable_candidates(module)
         if selection.trainable is not None:
             unknown = set(selection.trainable) - set(params)
@@ -177,7 +182,8 @@ class ParameterMaskCallback(L.Callback):
             for name, p in params.items():
                 p.requires_grad_(name in selection.trainable)
         self.frozen = {name for name, p in params.items() if not p.requires_grad}
-        self.masks = {name: mask.to(params[name].device, torch.bool) for name, mask in selection.masks.items()}
+        self.masks = {name: mask.to(params[name].device, torch.bool)
+                      for name, mask in selection.masks.items()}
         self.anchors = {name: params[name].detach().clone() for name in self.masks}
         self.ever_trained |= {name for name, p in params.items() if p.requires_grad}
 
@@ -206,8 +212,8 @@ class ParameterMaskCallback(L.Callback):
                   if p.requires_grad and id(p) not in self._ddp_synced]
         if not params:
             return
-        pieces = [torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().flatten().float()
-                  for p in params]
+        pieces = [torch.zeros(p.numel(), device=p.device) if p.grad is None
+                  else p.grad.detach().flatten().float() for p in params]
         present = torch.tensor([float(p.grad is not None) for p in params], device=pieces[0].device)
         flat = trainer.strategy.reduce(torch.cat([*pieces, present]), reduce_op="mean")
         start = 0
@@ -232,7 +238,23 @@ class ParameterMaskCallback(L.Callback):
         if stage == "fit":
             self.apply_selection(pl_module, self.initial_selection(pl_module))
 
+    def held_tensors(self) -> list[dict[str, Tensor]]:
+        """The per-parameter tensors this callback holds (subclasses add theirs), kept on the parameter's
+        device and dtype by :meth:`follow`."""
+        return [self.masks, self.anchors]
+
+    @torch.no_grad()
+    def follow(self, module: nn.Module) -> None:
+        """Move what the callback holds to where Lightning put (and cast) the module: GPU, bf16, float64."""
+        params = dict(module.named_parameters())
+        for store in self.held_tensors():
+            for name, value in store.items():
+                if name in params:
+                    dtype = params[name].dtype if value.is_floating_point() else value.dtype
+                    store[name] = value.to(params[name].device, dtype)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.follow(pl_module)
         # DDP wrapped the model after ``setup`` (and after a resume restored the selection) and chose its
         # all-reduce set then: the tensors requiring grad at that moment, i.e. those now.
         ddp = isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel)
@@ -256,7 +278,8 @@ class ParameterMaskCallback(L.Callback):
         if self._module is not None:
             params = named_trainable_candidates(self._module)
             # Tensors frozen now that trained before differ from the backbone: keep them.
-            state["frozen_values"] = {n: params[n].detach().cpu().clone() for n in self.frozen & self.ever_trained}
+            state["frozen_values"] = {n: params[n].detach().cpu().clone()
+                                      for n in self.frozen & self.ever_trained}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,7 +287,8 @@ class ParameterMaskCallback(L.Callback):
         self.ever_trained = set(state.get("ever_trained", []))
         self.load_extra_state(state.get("extra", {}))
         if self._module is None:
-            raise RuntimeError(f"{type(self).__name__}.load_state_dict before setup: resume through Trainer.fit")
+            raise RuntimeError(f"{type(self).__name__}.load_state_dict before setup: resume through "
+                               "Trainer.fit")
         params = named_trainable_candidates(self._module)
         with torch.no_grad():
             for name, value in state.get("frozen_values", {}).items():
