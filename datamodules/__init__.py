@@ -9,4 +9,5 @@ from zoo.datamodules.sft import (
     SFTDataModule,
 )
 
-__all__ = ["DataError", "SEGMENT_ANSWER", "SEGMENT_PAD", "SEGMENT_PROMPT", "SEGMENT_REASONING", "SFTDataModule"]
+__all__ = ["DataError", "SEGMENT_ANSWER", "SEGMENT_PAD", "SEGMENT_PROMPT", "SEGMENT_REASONING",
+           "SFTDataModule"]

@@ -28,7 +28,8 @@ from zoo.datamodules.sft import DataError, SFTDataModule
 TOPIC_WORDS: dict[str, list[str]] = {
     "sports": ["the striker", "a goalkeeper", "the referee", "the marathon", "a tennis match", "the league",
                "the coach", "a penalty kick", "the final whistle", "the relay team"],
-    "food": ["the soup", "a fresh baguette", "the chef", "a bowl of noodles", "the spicy curry", "the dessert",
+    "food": ["the soup", "a fresh baguette", "the chef", "a bowl of noodles", "the spicy curry",
+             "the dessert",
              "a ripe mango", "the bakery", "the grilled fish", "a cheese platter"],
     "weather": ["the thunderstorm", "a cold front", "the morning fog", "heavy rain", "the heatwave",
                 "a gusty wind", "the forecast", "light snow", "the humidity", "a clear sky"],

@@ -23,15 +23,16 @@ from zoo.kernels.selected_ce import IGNORE_INDEX
 
 
 def pack_rows(rows: list[dict[str, list[int]]], sequence_length: int, num_sequences: int | None = None,
-              loss_on: Literal["all", "response"] = "all", repeat: bool = True) -> tuple[list[dict[str, Any]], int]:
+              loss_on: Literal["all", "response"] = "all",
+              repeat: bool = True) -> tuple[list[dict[str, Any]], int]:
     """Concatenate encoded rows into ``sequence_length``-token rows; returns (packed rows, examples reused).
 
     Each output row has input_ids, labels, segments (lists of ``sequence_length`` ints) and index."""
     total = sum(len(r["input_ids"]) for r in rows)
     wanted = num_sequences if num_sequences is not None else max(total // sequence_length, 1 if repeat else 0)
     if wanted * sequence_length > total and not repeat:
-        raise DataError(f"{total} tokens cannot fill {wanted} rows of {sequence_length}; lower sequence_length "
-                        "or num_sequences, add examples, or set fill: repeat")
+        raise DataError(f"{total} tokens cannot fill {wanted} rows of {sequence_length}; lower "
+                        "sequence_length or num_sequences, add examples, or set fill: repeat")
     if not rows or wanted <= 0:
         raise DataError(f"no packed rows of {sequence_length} tokens from {total} tokens")
     packed: list[dict[str, Any]] = []
@@ -70,7 +71,8 @@ class PackedSFTDataModule(SFTDataModule):
             num_eval_sequences: validation / test rows (default: as many as their tokens fill, at least one).
             loss_on: ``all`` tokens (long-context language modelling) or only ``response`` tokens.
             fill: ``repeat`` (cycle a split's examples when it is too short) or ``drop`` (error instead).
-            **kwargs: the SFTDataModule arguments (dataset, tokenizer, num_train, max_length, batch_size, ...).
+            **kwargs: the SFTDataModule arguments (dataset, tokenizer, num_train, max_length, batch_size,
+                ...).
         """
         super().__init__(**kwargs)
         self.sequence_length, self.num_sequences = sequence_length, num_sequences
@@ -82,7 +84,8 @@ class PackedSFTDataModule(SFTDataModule):
         packed, reused = pack_rows(rows, self.sequence_length, count, self.loss_on, self.fill == "repeat")
         self.stats[f"{split}_packed_rows"], self.stats[f"{split}_reused_examples"] = len(packed), reused
         if reused:
-            print(f"[zoo] data/{split}: cycled {reused} examples to fill {len(packed)} x {self.sequence_length} tokens")
+            print(f"[zoo] data/{split}: cycled {reused} examples to fill {len(packed)} x "
+                  f"{self.sequence_length} tokens")
         return EncodedDataset(packed)
 
 

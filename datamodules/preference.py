@@ -96,7 +96,8 @@ def split_pairs(tensor: Tensor) -> tuple[Tensor, Tensor]:
 
 def collate_pairs(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     """Chosen rows then rejected rows, right-padded to one common width (see the module docstring)."""
-    flat = [dict(r["chosen"], index=r["index"]) for r in rows] + [dict(r["rejected"], index=r["index"]) for r in rows]
+    flat = ([dict(r["chosen"], index=r["index"]) for r in rows]
+            + [dict(r["rejected"], index=r["index"]) for r in rows])
     batch = collate(flat, pad_id)
     batch["is_chosen"] = torch.arange(len(flat)) < len(rows)
     return batch
@@ -151,8 +152,9 @@ class PreferenceDataModule(SFTDataModule):
             num_workers: DataLoader workers.
             seed: seed of the built-in generators, the perturbation and the training shuffle.
         """
-        super().__init__(dataset=dataset, tokenizer=tokenizer, fields=fields, hub_config=hub_config, splits=splits,
-                         num_train=num_train, num_val=num_val, num_test=num_test, max_length=max_length,
+        super().__init__(dataset=dataset, tokenizer=tokenizer, fields=fields, hub_config=hub_config,
+                         splits=splits, num_train=num_train, num_val=num_val, num_test=num_test,
+                         max_length=max_length,
                          overlong=overlong, on_malformed=on_malformed, system_prompt=system_prompt,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
                          seed=seed)
@@ -174,13 +176,14 @@ class PreferenceDataModule(SFTDataModule):
         else:  # hub id or a local data-set folder: datasets.load_dataset
             sources.setdefault("train", "train")
             raw = {split: read_hub(hp.dataset, src, hp.hub_config) for split, src in sources.items()}
-        records = {split: self._map_pair_fields(rows, f"{hp.dataset}[{split}]") for split, rows in raw.items()}
+        records = {split: self._map_pair_fields(rows, f"{hp.dataset}[{split}]")
+                   for split, rows in raw.items()}
         train = records["train"]
         for split in ("test", "val"):
             if split not in records and sizes[split] > 0:
                 if len(train) <= sizes[split]:
-                    raise DataError(f"{hp.dataset}: {len(train)} pairs cannot also provide {sizes[split]} {split} "
-                                    f"pairs; lower num_{split} or give splits.{split}")
+                    raise DataError(f"{hp.dataset}: {len(train)} pairs cannot also provide {sizes[split]} "
+                                    f"{split} pairs; lower num_{split} or give splits.{split}")
                 records[split], train = train[-sizes[split]:], train[: -sizes[split]]
         records["train"] = train[: hp.num_train] if hp.num_train > 0 else train
         for split in ("val", "test"):
@@ -194,7 +197,8 @@ class PreferenceDataModule(SFTDataModule):
         for number, record in enumerate(records):
             rejected = None
             for attempt in range(4):  # a delta that lands on a still-correct answer is retried
-                candidate = perturb_solution(record["response"], seed=self.hparams.seed + offset + 7919 * number
+                candidate = perturb_solution(record["response"],
+                                             seed=self.hparams.seed + offset + 7919 * number
                                              + attempt)
                 if candidate is not None and not tasks.score_answer(record, extract_final_answer(candidate)):
                     rejected = candidate
@@ -216,9 +220,9 @@ class PreferenceDataModule(SFTDataModule):
                 if self.hparams.on_malformed == "skip":
                     skipped += 1
                     continue
-                raise DataError(f"{origin}: row {number}: field {self.fields[problem]!r} ({problem}) is missing or "
-                                f"empty; map the right column with `fields: {{{problem}: ...}}` or set on_malformed: "
-                                "skip")
+                raise DataError(f"{origin}: row {number}: field {self.fields[problem]!r} ({problem}) is "
+                                "missing or empty; map the right column with "
+                                f"`fields: {{{problem}: ...}}` or set on_malformed: skip")
             answer = row.get(self.fields["answer"])
             values["answer"] = str(answer) if answer is not None else extract_final_answer(values["chosen"])
             values["response"] = values["chosen"]
@@ -295,7 +299,8 @@ def preference_metrics(module, loader) -> dict[str, float]:
             mask = target_mask(batch["labels"]).float()
             token_nll = module.weighted_token_loss(outputs, mask)
             logps = -token_nll.sum(1)
-            rewards = module.sequence_rewards(batch, outputs) if hasattr(module, "sequence_rewards") else logps
+            rewards = (module.sequence_rewards(batch, outputs) if hasattr(module, "sequence_rewards")
+                       else logps)
             for diffs, values in ((reward_diffs, rewards), (logp_diffs, logps)):
                 chosen, rejected = split_pairs(values.float())
                 diffs.append(chosen - rejected)

@@ -137,7 +137,8 @@ def parse_call(text: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def tool_call_reward(generated: str, gold: dict[str, Any], tools: dict[str, Sequence[str]]) -> float:
-    """IRM reward of a generated call against ``gold = {"name", "arguments"}``; ``tools``: name -> parameter keys."""
+    """IRM reward of a generated call against ``gold = {"name", "arguments"}``; ``tools``: name -> parameter
+    keys."""
     parsed = parse_call(generated)
     if parsed is None or parsed[0] not in tools:
         return -2.0

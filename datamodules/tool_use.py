@@ -45,7 +45,8 @@ from zoo.datamodules.tool_calls import (
 from zoo.kernels.selected_ce import IGNORE_INDEX
 
 TASK_NAME = "tool_use"
-_CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Rome", "Seoul", "Berlin", "Nairobi", "Austin"]
+_CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Rome", "Seoul", "Berlin", "Nairobi",
+           "Austin"]
 _TOPICS = ["solar panels", "chess openings", "jazz history", "volcanoes", "bread recipes", "electric cars",
            "honey bees", "marathon training", "the moon landing", "coral reefs"]
 _CURRENCIES = ["USD", "EUR", "JPY", "GBP", "INR", "BRL"]
@@ -58,10 +59,12 @@ _LABELS = ["gym", "meeting", "medicine", "call mom", "wake up"]
 TOOLS: dict[str, tuple[dict[str, str], Any, tuple[str, ...]]] = {
     "get_weather": ({"city": "string", "unit": "celsius|fahrenheit"},
                     lambda r: {"city": r.choice(_CITIES), "unit": r.choice(["celsius", "fahrenheit"])},
-                    ("What's the weather in {city} in {unit}?", "Current weather for {city}, please, in {unit}.")),
+                    ("What's the weather in {city} in {unit}?",
+                     "Current weather for {city}, please, in {unit}.")),
     "get_forecast": ({"city": "string", "days": "integer"},
                      lambda r: {"city": r.choice(_CITIES), "days": r.randint(2, 7)},
-                     ("Give me the {days}-day forecast for {city}.", "Forecast for {city} over the next {days} days?")),
+                     ("Give me the {days}-day forecast for {city}.",
+                      "Forecast for {city} over the next {days} days?")),
     "get_time": ({"city": "string"}, lambda r: {"city": r.choice(_CITIES)},
                  ("What time is it in {city}?", "Tell me the local time in {city}.")),
     "get_timezone": ({"city": "string"}, lambda r: {"city": r.choice(_CITIES)},
@@ -70,18 +73,23 @@ TOOLS: dict[str, tuple[dict[str, str], Any, tuple[str, ...]]] = {
                    ("Search the web for {query}.", "Look up {query} online.")),
     "search_news": ({"query": "string", "days": "integer"},
                     lambda r: {"query": r.choice(_TOPICS), "days": r.randint(1, 14)},
-                    ("Find news about {query} from the last {days} days.", "Any news on {query} in the past {days} days?")),
+                    ("Find news about {query} from the last {days} days.",
+                     "Any news on {query} in the past {days} days?")),
     "search_images": ({"query": "string"}, lambda r: {"query": r.choice(_TOPICS)},
                       ("Find pictures of {query}.", "Show me images of {query}.")),
     "convert_currency": ({"amount": "number", "source": "string", "target": "string"},
                          lambda r: dict(zip(("amount", "source", "target"),
                                             (r.randint(5, 500), *r.sample(_CURRENCIES, 2)))),
-                         ("Convert {amount} {source} to {target}.", "How much is {amount} {source} in {target}?")),
+                         ("Convert {amount} {source} to {target}.",
+                          "How much is {amount} {source} in {target}?")),
     "convert_units": ({"value": "number", "from_unit": "string", "to_unit": "string"},
-                      lambda r: dict(zip(("value", "from_unit", "to_unit"), (r.randint(1, 100), *r.choice(_UNITS)))),
-                      ("How many {to_unit} is {value} {from_unit}?", "Convert {value} {from_unit} into {to_unit}.")),
+                      lambda r: dict(zip(("value", "from_unit", "to_unit"),
+                                         (r.randint(1, 100), *r.choice(_UNITS)))),
+                      ("How many {to_unit} is {value} {from_unit}?",
+                       "Convert {value} {from_unit} into {to_unit}.")),
     "set_alarm": ({"time": "HH:MM", "label": "string"},
-                  lambda r: {"time": f"{r.randint(5, 11):02d}:{r.choice([0, 15, 30, 45]):02d}", "label": r.choice(_LABELS)},
+                  lambda r: {"time": f"{r.randint(5, 11):02d}:{r.choice([0, 15, 30, 45]):02d}",
+                             "label": r.choice(_LABELS)},
                   ("Set an alarm at {time} called {label}.", "Wake me at {time}, label it {label}.")),
     "set_timer": ({"minutes": "integer"}, lambda r: {"minutes": r.randint(1, 90)},
                   ("Start a {minutes} minute timer.", "Set a timer for {minutes} minutes.")),
@@ -132,7 +140,8 @@ def _wrong_call(rng: random.Random, name: str, arguments: dict[str, Any]) -> tup
 
 
 def generate_tool_records(size: int, seed: int, num_tools: int = 4, error_rate: float = 0.0) -> list[dict]:
-    """``size`` deterministic tool-use records; a fraction ``error_rate`` are error-then-correction dialogues."""
+    """``size`` deterministic tool-use records; a fraction ``error_rate`` are error-then-correction
+    dialogues."""
     rng = random.Random(seed)
     names = list(TOOLS)
     records = []
@@ -205,7 +214,8 @@ class ToolUseDataModule(SFTDataModule):
         Args:
             dataset: ``tool_use`` (the built-in task) or any SFTDataModule source (then no key tokens).
             num_tools: tools offered in each prompt (the gold one plus similarly named ones first).
-            error_rate: fraction of training dialogues with a wrong call, its error output, and the correction.
+            error_rate: fraction of training dialogues with a wrong call, its error output, and the
+                correction.
             filter_error_turns: TL-Training MAE: drop assistant turns whose tool output is an error.
             **kwargs: every SFTDataModule option (tokenizer, num_train, max_length, batch_size, ...).
         """
@@ -236,7 +246,8 @@ class ToolUseDataModule(SFTDataModule):
             turns = self.turn_filter(record["messages"])
             filtered += sum(m["role"] == "assistant" for m in record["messages"]) - len(turns)
             for context, target in turns:
-                encoded = encode_turn(self.tokenizer, context, target, record["tools"], self.hparams.system_prompt)
+                encoded = encode_turn(self.tokenizer, context, target, record["tools"],
+                                      self.hparams.system_prompt)
                 row = fit_length(encoded, limit, self.hparams.overlong)
                 if row is None:
                     dropped += 1
@@ -247,8 +258,8 @@ class ToolUseDataModule(SFTDataModule):
         self.stats.update({f"{split}_truncated": truncated, f"{split}_dropped": dropped,
                            f"{split}_error_turns_filtered": filtered})
         if truncated or dropped or filtered:
-            print(f"[zoo] data/{split}: {filtered} error turns filtered, {truncated} rows truncated, {dropped} "
-                  f"dropped (max_length={limit})")
+            print(f"[zoo] data/{split}: {filtered} error turns filtered, {truncated} rows truncated, "
+                  f"{dropped} dropped (max_length={limit})")
         if not rows:
             raise DataError(f"no {split} rows left after encoding ({dropped} over max_length={limit}); "
                             "raise max_length")
@@ -267,4 +278,5 @@ class ToolUseDataModule(SFTDataModule):
         name_ok = parsed is not None and parsed[0] == gold["name"]
         args_ok = parsed is not None and parsed[1] == gold["arguments"]
         return {"exact_match": float(name_ok and args_ok), "tool_name_match": float(name_ok),
-                "arguments_match": float(args_ok), "reward": tool_call_reward(completion, gold, record["tools"])}
+                "arguments_match": float(args_ok),
+                "reward": tool_call_reward(completion, gold, record["tools"])}

@@ -89,7 +89,8 @@ def paths(device: torch.device, chunk_size: int, interpret: bool = False) -> dic
         except ImportError as error:
             print(f"triton unavailable: {error}")
         else:
-            found["triton"] = lambda *a, **k: triton_selected_linear_cross_entropy(*a, chunk_size=chunk_size, **k)
+            found["triton"] = lambda *a, **k: triton_selected_linear_cross_entropy(
+                *a, chunk_size=chunk_size, **k)
     return found
 
 
@@ -132,11 +133,14 @@ def measure(fn, hidden, weight, labels, token_weights, warmup: int, reps: int) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=None, help="token counts N (CPU 1024 4096; CUDA + 8192)")
+    parser.add_argument("--n", type=int, nargs="+", default=None,
+                        help="token counts N (CPU 1024 4096; CUDA + 8192)")
     parser.add_argument("--h", type=int, default=576, help="hidden size H (SmolLM2-135M: 576)")
     parser.add_argument("--v", type=int, default=49152, help="vocabulary V (SmolLM2: 49152)")
-    parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="kept fraction of rows")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (CPU float32, CUDA bfloat16)")
+    parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.25],
+                        help="kept fraction of rows")
+    parser.add_argument("--dtype", default=None,
+                        help="float32 | bfloat16 | float16 (CPU float32, CUDA bfloat16)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="rows per head chunk (selected paths)")
     parser.add_argument("--paths", nargs="+", default=None, help="subset of naive reference triton")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (CPU 0, CUDA 2)")
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     # A small untimed run first so one-off initialisation (kernel compilation, BLAS) is not in row 1.
     for fn in chosen.values():
         small = torch.randn(64, args.h, generator=gen).to(device, dtype).requires_grad_()
-        one_step(fn, small, weight, torch.randint(0, args.v, (64,), device=device), torch.ones(64, device=device))
+        one_step(fn, small, weight, torch.randint(0, args.v, (64,), device=device),
+                 torch.ones(64, device=device))
 
     print(f"device={device} clock={'wall' if cuda else 'process CPU'} "
           f"dtype={str(dtype).removeprefix('torch.')} H={args.h} V={args.v} "

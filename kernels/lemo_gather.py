@@ -59,7 +59,8 @@ if triton is not None:
         row_ok = rows < K
         mask = row_ok[:, None] & (cols[None, :] < H)
         src_rows = tl.load(idx_ptr + b * sib + rows * sik, mask=row_ok, other=0)
-        values = tl.load(x_ptr + b * sxb + src_rows[:, None] * sxt + cols[None, :] * sxh, mask=mask, other=0.0)
+        values = tl.load(x_ptr + b * sxb + src_rows[:, None] * sxt + cols[None, :] * sxh, mask=mask,
+                         other=0.0)
         tl.store(out_ptr + b * sob + rows[:, None] * sok + cols[None, :] * soh, values, mask=mask)
 
     @triton.jit
@@ -85,8 +86,9 @@ def gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
     """Triton gather, same contract as :func:`gather_rows_reference` (forward only)."""
     bsz, kept = index.shape
     out = x.new_empty((bsz, kept, x.shape[-1]))
-    _gather_kernel[_grid(bsz, kept, x.shape[-1])](x, index, out, kept, x.shape[-1], *x.stride(), *index.stride(),
-                                                  *out.stride(), ROWS=_ROWS, COLS=_COLS)
+    _gather_kernel[_grid(bsz, kept, x.shape[-1])](x, index, out, kept, x.shape[-1],
+                                                  *x.stride(), *index.stride(), *out.stride(),
+                                                  ROWS=_ROWS, COLS=_COLS)
     return out
 
 
@@ -94,8 +96,9 @@ def scatter_add_rows_triton(base: Tensor, src: Tensor, index: Tensor) -> Tensor:
     """Triton scatter-add, same contract as :func:`scatter_add_rows_reference` (forward only)."""
     out = base.clone()
     bsz, kept = index.shape
-    _scatter_add_kernel[_grid(bsz, kept, base.shape[-1])](out, src, index, kept, base.shape[-1], *out.stride(),
-                                                          *src.stride(), *index.stride(), ROWS=_ROWS, COLS=_COLS)
+    _scatter_add_kernel[_grid(bsz, kept, base.shape[-1])](out, src, index, kept, base.shape[-1],
+                                                          *out.stride(), *src.stride(), *index.stride(),
+                                                          ROWS=_ROWS, COLS=_COLS)
     return out
 
 

@@ -59,7 +59,8 @@ if triton is not None:
     @triton.jit
     def _block_scores_kernel(q_ptr, k_ptr, out_ptr, T, HQ, REP, NB, scale,
                              sqb, sqh, sqt, sqd, skb, skh, skt, skd, sob, som, son,
-                             CAUSAL: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                             CAUSAL: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)
         n = tl.program_id(1)
         b = pid // NB

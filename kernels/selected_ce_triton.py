@@ -112,7 +112,8 @@ def lse_and_loss(logits: Tensor, labels: Tensor, block_v: int | None = None) -> 
 
 def softmax_minus_onehot_(logits: Tensor, labels: Tensor, lse: Tensor, scale: Tensor,
                           block_v: int | None = None) -> Tensor:
-    """Triton, in place: logits (C, V) <- scale[:, None] * (softmax(logits) - onehot(labels)). Returns logits."""
+    """Triton, in place: logits (C, V) <- scale[:, None] * (softmax(logits) - onehot(labels)). Returns
+    logits."""
     _grad_kernel[(logits.shape[0],)](logits, logits.stride(0), labels, lse, scale, logits.shape[1],
                                      **_launch_options(logits, block_v))
     return logits
@@ -147,7 +148,8 @@ class SelectedLinearCrossEntropyFunction(torch.autograd.Function):
         # One chunk: the matmul's own (fp32-accumulated) result. Several: an fp32 running sum.
         acc_dtype = weight.dtype if n_chunks == 1 else torch.float32
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        grad_bias = (torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b
+                     else None)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = start + ctx.chunk_size
             h = hidden[start:stop]

@@ -154,7 +154,8 @@ class CausalLMModule(L.LightningModule):
     ) -> None:
         """
         Args:
-            model: backbone: ``smollm2-135m`` (embedded default), ``tiny-llama``, a local HF folder or a hub id.
+            model: backbone: ``smollm2-135m`` (embedded default), ``tiny-llama``, a local HF folder or a hub
+                id.
             lr: peak learning rate (AdamW).
             weight_decay: AdamW weight decay, applied to matrices only (not norms or biases).
             betas: AdamW betas.
@@ -167,7 +168,8 @@ class CausalLMModule(L.LightningModule):
             checkpoint_trainable_only: Lightning checkpoints hold only trainable tensors (frozen ones are
                 restored from the backbone on load).
             adapter: how the backbone is wrapped (LoRA, prompt tuning, DePT, a parallel adapter, ...): a
-                :class:`zoo.modules.adapters.Adapter` from YAML (``class_path`` / ``init_args``); default none.
+                :class:`zoo.modules.adapters.Adapter` from YAML (``class_path`` / ``init_args``); default
+                none.
         """
         super().__init__()
         self._given_args = outermost_init_args(self)
@@ -235,8 +237,9 @@ class CausalLMModule(L.LightningModule):
             if isinstance(callback, TokenSelector):
                 selected = callback.select(self, batch, outputs)
                 if selected.shape != weights.shape:
-                    raise ValueError(f"{type(callback).__name__}.select returned shape {tuple(selected.shape)}, "
-                                     f"expected {tuple(weights.shape)} (batch, tokens)")
+                    raise ValueError(f"{type(callback).__name__}.select returned shape "
+                                     f"{tuple(selected.shape)}, expected {tuple(weights.shape)} "
+                                     "(batch, tokens)")
                 weights = weights * selected.to(weights.dtype)
         return weights
 
@@ -251,8 +254,9 @@ class CausalLMModule(L.LightningModule):
                 "rate, use float32, or check the batch for empty responses"
             )
         supervised = target_mask(batch["labels"]).sum().clamp_min(1)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
         metrics = {"train/loss": loss.detach(), "train/kept_fraction": (weights != 0).sum() / supervised,
-                   "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0}
+                   "train/lr": lr}
         if self._tokens_per_s is not None:  # throughput of the previous step (forward + backward + update)
             metrics["train/tokens_per_s"] = self._tokens_per_s
         self.log_dict(metrics, prog_bar=True)  # one call: each costs a sync of Lightning's result collection
@@ -297,7 +301,8 @@ class CausalLMModule(L.LightningModule):
     def generate_text(self, prompts: list[str], max_new_tokens: int = 256, system_prompt: str | None = None,
                       batch_size: int = 16, **sampling: Any) -> list[str]:
         """Completions of chat-rendered ``prompts`` through the one decoder (:func:`zoo.decoding.generate`),
-        with the adapter's decoding hooks; ``sampling``: ``do_sample``, ``temperature``, ``top_p``, ``stop``, ...
+        with the adapter's decoding hooks; ``sampling``: ``do_sample``, ``temperature``, ``top_p``, ``stop``,
+        ...
         Runs in eval mode (no dropout; modules may branch on ``training``) and restores the mode after."""
         was_training = self.training
         self.eval()
@@ -311,13 +316,15 @@ class CausalLMModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[str]:
         prompts = batch.get("prompt_text")
         if prompts is None:
-            raise ConfigError("predict needs batches with 'prompt_text' (use a DataModule's predict_dataloader)")
+            raise ConfigError("predict needs batches with 'prompt_text' (use a DataModule's "
+                              "predict_dataloader)")
         return self.generate_text(prompts)
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
         if not params:
-            raise ConfigError(f"{type(self).__name__} has no trainable parameters: check the freezing options")
+            raise ConfigError(f"{type(self).__name__} has no trainable parameters: check the freezing "
+                              "options")
         groups = self.adapter.parameter_groups(self.hparams.lr)
         if groups is None:
             decay = [p for p in params.values() if p.ndim >= 2]
@@ -326,7 +333,8 @@ class CausalLMModule(L.LightningModule):
                       {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
                                       betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         warmup, kind = self.hparams.warmup_steps, self.hparams.scheduler
@@ -359,8 +367,9 @@ class CausalLMModule(L.LightningModule):
         if isinstance(self.model, FSDPModule):  # configure_model may be called more than once
             return
         if type(self.adapter).hidden_states is not Adapter.hidden_states:
-            raise ConfigError(f"{type(self.adapter).__name__} runs its own forward through the backbone, which "
-                              "FSDP2 (ModelParallelStrategy) does not support here: use configs/strategies/ddp.yaml")
+            raise ConfigError(f"{type(self.adapter).__name__} runs its own forward through the backbone, "
+                              "which FSDP2 (ModelParallelStrategy) does not support here: use "
+                              "configs/strategies/ddp.yaml")
         mesh = strategy.device_mesh["data_parallel"]
         for layer in backbone.decoder_layers(self.model):
             fully_shard(layer, mesh=mesh)
@@ -444,9 +453,9 @@ class CausalLMModule(L.LightningModule):
         return directory
 
     def export_weights_kind(self, merged: bool) -> Literal["full", "merged", "peft", "none"]:
-        """``full``: an HF model with the trained backbone; ``merged``: the same with the adapter's update merged
-        in (DSEE); ``peft``: a peft adapter; ``none``: the backbone did not train (soft prompts, parallel
-        adapters): a reload starts from the original backbone."""
+        """``full``: an HF model with the trained backbone; ``merged``: the same with the adapter's update
+        merged in (DSEE); ``peft``: a peft adapter; ``none``: the backbone did not train (soft prompts,
+        parallel adapters): a reload starts from the original backbone."""
         if merged:
             return "merged"
         if not any(p.requires_grad for p in self.model.parameters()):

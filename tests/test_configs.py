@@ -1,8 +1,10 @@
 """Every registered method's config runs ``fit --trainer.fast_dev_run 1`` on the tiny backbone; README table.
 
 Methods are collected from :func:`zoo.registry.methods` at collection time, so methods other sessions add are
-picked up automatically. The data is overridden to a tiny ``chain_sum`` set only when the config's data class is
-``SFTDataModule`` (or a subclass): other DataModules (preference, classification, ...) have other arguments, so
+picked up automatically. The data is overridden to a tiny ``chain_sum`` set only when the config's data class
+is
+``SFTDataModule`` (or a subclass): other DataModules (preference, classification, ...) have other arguments,
+so
 their own data block runs unchanged (their configs must already be small enough for a fast_dev_run).
 """
 
@@ -18,8 +20,9 @@ from zoo import registry
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_DATA = [  # byte tokenizer: 96 tokens would drop every chain_sum preference pair
-    "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
-    "--data.init_args.num_test", "4", "--data.init_args.max_length", "128", "--data.init_args.batch_size", "2",
+    "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "16",
+    "--data.init_args.num_val", "4", "--data.init_args.num_test", "4",
+    "--data.init_args.max_length", "128", "--data.init_args.batch_size", "2",
 ]
 
 
@@ -56,10 +59,10 @@ def test_config_runs_fast_dev_run_on_tiny_backbone(name, tmp_path, monkeypatch):
     monkeypatch.delenv("ZOO_RUN_DIR", raising=False)
     data_class = _data_class(method.config_path)
     data_args = TINY_DATA if data_class is None or issubclass(data_class, SFTDataModule) else []
-    code = main(["fit", "--config", str(method.config_path), "--model.init_args.model", "tiny-llama", *data_args,
-                 "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
-                 "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
-                 "--trainer.enable_model_summary", "false"])
+    code = main(["fit", "--config", str(method.config_path), "--model.init_args.model", "tiny-llama",
+                 *data_args, "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
+                 "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     assert code == 0
 
 

@@ -68,7 +68,8 @@ def layer(module: str) -> str:
 
 
 def resolve(name: str) -> str:
-    """The longest prefix of a dotted import target that is a module of the package (``zoo.x.y.f`` -> ``zoo.x.y``)."""
+    """The longest prefix of a dotted import target that is a module of the package (``zoo.x.y.f`` ->
+    ``zoo.x.y``)."""
     parts = name.split(".")
     for end in range(len(parts), 0, -1):
         if ".".join(parts[:end]) in FILES:
@@ -139,6 +140,7 @@ def test_the_checker_sees_imports_inside_functions_relative_and_dynamic(tmp_path
     seen = {(line, resolve(name)) for line, name, _ in imports(probe, "zoo._probe") if name.startswith("zoo")}
     assert seen == {(4, "zoo"), (4, "zoo.registry"), (8, "zoo.modules.base"), (9, "zoo.harness.runner"),
                     (10, "zoo.cli")}
-    expected = {"zoo": "cli", "zoo.registry": "core", "zoo.modules.base": "modules", "zoo.harness.runner": "harness",
-                "zoo.cli": "cli", "zoo.kernels.selected_ce": "kernels", "zoo.datamodules.sft": "datamodules"}
+    expected = {"zoo": "cli", "zoo.registry": "core", "zoo.modules.base": "modules",
+                "zoo.harness.runner": "harness", "zoo.cli": "cli", "zoo.kernels.selected_ce": "kernels",
+                "zoo.datamodules.sft": "datamodules"}
     assert {name: layer(name) for name in expected} == expected

@@ -18,7 +18,8 @@ TINY = REPO / "configs" / "smoke" / "tiny.yaml"
 
 
 class StopAfterEpoch(Callback):
-    """Interrupt the run at the end of epoch ``epoch`` (an epoch boundary, so the data order is reproducible)."""
+    """Interrupt the run at the end of epoch ``epoch`` (an epoch boundary, so the data order is
+    reproducible)."""
 
     def __init__(self, epoch: int):
         self.epoch = epoch
@@ -29,9 +30,10 @@ class StopAfterEpoch(Callback):
 
 
 def _trainer(root: Path, max_steps: int, callbacks=(), checkpointing: bool = False) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=checkpointing,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, default_root_dir=root, callbacks=list(callbacks), gradient_clip_val=1.0)
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                     enable_checkpointing=checkpointing, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                     default_root_dir=root, callbacks=list(callbacks), gradient_clip_val=1.0)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_module, tiny_data, tmp_path):
@@ -53,8 +55,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_module, tiny_data,
     # train-batch end of an epoch's last batch; the sampler is seeded by (seed, epoch), so the order replays.
     L.seed_everything(0, verbose=False)
     first = tiny_module(lr=3e-3, warmup_steps=1)
-    saver = ModelCheckpoint(dirpath=tmp_path / "b", filename="mid", every_n_train_steps=per_epoch, save_top_k=-1)
-    _trainer(tmp_path / "b", total, [StopAfterEpoch(0), saver], checkpointing=True).fit(first, datamodule=data())
+    saver = ModelCheckpoint(dirpath=tmp_path / "b", filename="mid", every_n_train_steps=per_epoch,
+                            save_top_k=-1)
+    trainer = _trainer(tmp_path / "b", total, [StopAfterEpoch(0), saver], checkpointing=True)
+    trainer.fit(first, datamodule=data())
     assert first.global_step == per_epoch
     ckpt = tmp_path / "b" / "mid.ckpt"
     assert ckpt.exists()
@@ -76,10 +80,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_module, tiny_data,
 
 def _cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ZOO_RUN_DIR"}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
@@ -88,7 +92,8 @@ def _logged_steps(run_dir: Path) -> list[int]:
 
 
 TINY_ARGS = ["--config", str(TINY), "--trainer.accelerator", "cpu", "--data.init_args.num_train", "16",
-             "--data.init_args.num_val", "4", "--data.init_args.num_test", "4", "--data.init_args.batch_size", "2",
+             "--data.init_args.num_val", "4", "--data.init_args.num_test", "4",
+             "--data.init_args.batch_size", "2",
              "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
              "--trainer.enable_model_summary", "false"]
 

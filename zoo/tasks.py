@@ -61,7 +61,8 @@ def is_builtin_task(name: str) -> bool:
         return True
     if "/" in name or "." in name:
         return False
-    return importlib.util.find_spec("reasoning_gym") is not None and name in _require_reasoning_gym().factory.DATASETS
+    return (importlib.util.find_spec("reasoning_gym") is not None
+            and name in _require_reasoning_gym().factory.DATASETS)
 
 
 def generate_records(name: str, size: int, seed: int) -> tuple[list[Record], object]:
@@ -91,7 +92,8 @@ def task_splits(name: str, sizes: dict[str, int], seed: int = 0) -> dict[str, li
 
 
 def score_answer(record: Record, prediction: str) -> float:
-    """1.0 if ``prediction`` (already extracted) is the record's answer; reasoning-gym's scorer where known."""
+    """1.0 if ``prediction`` (already extracted) is the record's answer; reasoning-gym's scorer where
+    known."""
     entry = record.get("entry")
     if entry is not None and record.get("source"):
         return float(_scorer(record["source"]).score_answer(prediction, entry) >= 1.0)

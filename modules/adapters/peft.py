@@ -20,7 +20,8 @@ from zoo.decoding import Prefill, position_ids_from_mask
 from zoo.errors import ConfigError
 from zoo.modules.adapters.base import Adapter
 
-DEFAULT_LORA = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+DEFAULT_LORA = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                "target_modules": "all-linear"}
 
 
 def build_peft_config(config: dict[str, Any]) -> Any:
@@ -107,7 +108,8 @@ class LoRA(Peft):
 class IA3(Peft):
     """IA3 through peft: learned rescaling vectors on keys, values and the FFN."""
 
-    def __init__(self, target_modules: list[str] | None = None, feedforward_modules: list[str] | None = None) -> None:
+    def __init__(self, target_modules: list[str] | None = None,
+                 feedforward_modules: list[str] | None = None) -> None:
         """
         Args:
             target_modules: modules whose activations are rescaled (default peft's per-architecture choice).

@@ -1,4 +1,5 @@
-"""GreenTrainer: choose the tensors to train so that training FLOPs meet a budget with the most loss reduction.
+"""GreenTrainer: choose the tensors to train so that training FLOPs meet a budget with the most loss
+reduction.
 
 Paper: Towards Green AI in Fine-tuning Large Language Models via Adaptive Backpropagation (2023).
 Spec: papers/30-greentrainer.md.
@@ -161,7 +162,8 @@ def quantize_costs(t_dw: list[float], t_dy: list[float], units: int = 1000) -> t
 
 
 def select_tensors(importance: list[float], t_dw: list[int], t_dy: list[int], budget: int) -> list[int]:
-    """Mask (forward order) maximising Σ importance subject to ``backward_cost(mask) ≤ budget`` (integer costs).
+    """Mask (forward order) maximising Σ importance subject to ``backward_cost(mask) ≤ budget`` (integer
+    costs).
 
     In reverse order (index 0 next to the loss) a selection whose deepest tensor is D costs
     ``Σ_{r≤D} t_dy[r] + Σ_{selected} t_dw[r]``: fix D, then a 0/1 knapsack over r < D."""
@@ -217,7 +219,8 @@ def tensor_importance(module: nn.Module, batch: dict[str, Tensor], names: list[s
         for n, p in params.items():
             p.requires_grad_(n in names)
         grads = torch.autograd.grad(_loss(module, batch), chosen, allow_unused=True)
-        steps = [torch.zeros_like(p) if g is None else -lr * g / (g.abs() + eps) for p, g in zip(chosen, grads)]
+        steps = [torch.zeros_like(p) if g is None else -lr * g / (g.abs() + eps)
+                 for p, g in zip(chosen, grads)]
         with torch.no_grad():
             for p, s in zip(chosen, steps):
                 p.add_(s)
@@ -233,7 +236,8 @@ def tensor_importance(module: nn.Module, batch: dict[str, Tensor], names: list[s
     return [v / top if top > 0 else 0.0 for v in raw]
 
 
-def plan(module: nn.Module, batch: dict[str, Tensor], rho: float, lr: float, units: int = 1000) -> dict[str, Any]:
+def plan(module: nn.Module, batch: dict[str, Tensor], rho: float, lr: float,
+         units: int = 1000) -> dict[str, Any]:
     """Cost model + importance + DP: the tensors to train for share ρ, with the predicted FLOPs."""
     model = tensor_flops(module, batch)
     importance = tensor_importance(module, batch, model.names, lr)
@@ -244,7 +248,8 @@ def plan(module: nn.Module, batch: dict[str, Tensor], rho: float, lr: float, uni
     full_train, selected_train = model.t_fp + model.full_backward, model.t_fp + selected
     return {"trainable": {n for n, m in zip(model.names, mask) if m}, "mask": mask, "rho": rho,
             "train_flops": selected_train, "full_train_flops": full_train,
-            "predicted_saving": 1.0 - selected_train / full_train, "speedup": full_train / max(1e-30, selected_train)}
+            "predicted_saving": 1.0 - selected_train / full_train,
+            "speedup": full_train / max(1e-30, selected_train)}
 
 
 def measure_backward_time(module: nn.Module, batch: dict[str, Tensor], trainable: set[str] | None,
@@ -270,9 +275,11 @@ def measure_backward_time(module: nn.Module, batch: dict[str, Tensor], trainable
     return statistics.median(times)
 
 
-def greentrainer_report(module: nn.Module, batch: dict[str, Tensor], rhos: tuple[float, ...] = (1.0, 0.7, 0.5, 0.3),
+def greentrainer_report(module: nn.Module, batch: dict[str, Tensor],
+                        rhos: tuple[float, ...] = (1.0, 0.7, 0.5, 0.3),
                         lr: float = 2e-5, repeats: int = 5, units: int = 1000) -> list[dict[str, float]]:
-    """Per ρ: predicted training-FLOPs saving, trainable tensors, measured backward seconds (CPU/GPU as given)."""
+    """Per ρ: predicted training-FLOPs saving, trainable tensors, measured backward seconds (CPU/GPU as
+    given)."""
     rows = []
     for rho in rhos:
         chosen = plan(module, batch, rho, lr, units)
@@ -286,7 +293,8 @@ def greentrainer_report(module: nn.Module, batch: dict[str, Tensor], rhos: tuple
 class GreenTrainerCallback(ParameterMaskCallback):
     """Every ``interval`` epochs, pick the tensors to train under a FLOPs budget (share ρ of full FT)."""
 
-    def __init__(self, rho: float = 0.7, interval: int = 2, units: int = 1000, probe_lr: float | None = None) -> None:
+    def __init__(self, rho: float = 0.7, interval: int = 2, units: int = 1000,
+                 probe_lr: float | None = None) -> None:
         """
         Args:
             rho: ρ, share of full fine-tuning's training FLOPs KEPT ("GreenTrainer-0.7"; paper 0.5 / 0.7).
@@ -299,24 +307,27 @@ class GreenTrainerCallback(ParameterMaskCallback):
         self.selected_epoch = -1
         self.report: dict[str, Any] = {}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         epoch = trainer.current_epoch
         if epoch % self.interval or self.selected_epoch == epoch:
             return
         lr = self.probe_lr or float(getattr(pl_module.hparams, "lr", 2e-5))
         chosen = plan(pl_module, batch, self.rho, lr, self.units)
         # The probe ran on this rank's own batch, so under DDP the ranks can pick different tensors (seen on
-        # 2 processes: the selections differ from the first step); DDP would then average gradients of different
+        # 2 processes: the selections differ from the first step); DDP would then average gradients of
+        # different
         # parameter sets. Every rank trains rank 0's selection.
         chosen = trainer.strategy.broadcast(chosen, src=0)
         self.selected_epoch = epoch
         self.stage += 1
         self.apply_selection(pl_module, Selection(trainable=chosen["trainable"]))
         rebuild_optimizer(trainer, carry_state=True, carry_schedule=True)
-        self.report = {k: chosen[k] for k in ("rho", "train_flops", "full_train_flops", "predicted_saving", "speedup")}
+        keys = ("rho", "train_flops", "full_train_flops", "predicted_saving", "speedup")
+        self.report = {k: chosen[k] for k in keys}
         pl_module.log("greentrainer/predicted_saving", chosen["predicted_saving"])
-        print(f"[zoo] GreenTrainer epoch {epoch}: {len(chosen['trainable'])} tensors train, predicted training "
-              f"FLOPs saving {chosen['predicted_saving']:.1%} (speed-up {chosen['speedup']:.2f}x)")
+        print(f"[zoo] GreenTrainer epoch {epoch}: {len(chosen['trainable'])} tensors train, predicted "
+              f"training FLOPs saving {chosen['predicted_saving']:.1%} (speed-up {chosen['speedup']:.2f}x)")
 
     def extra_state(self) -> dict[str, Any]:
         return {"selected_epoch": self.selected_epoch, "report": self.report}
@@ -340,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dataset", default="gsm_symbolic")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--length", type=int, default=384, help="max_length of the batch's rows (longer rows are dropped)")
+    parser.add_argument("--length", type=int, default=384,
+                        help="max_length of the batch's rows (longer rows are dropped)")
     parser.add_argument("--rhos", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.4, 0.3])
     parser.add_argument("--units", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=3)
@@ -353,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = greentrainer_report(module, batch, tuple(args.rhos), repeats=args.repeats, units=args.units)
     print(f"GreenTrainer on {args.model}, one {args.dataset} batch {tuple(batch['input_ids'].shape)}, "
           f"{args.units} cost units\n")
-    print("| rho | predicted FLOPs saving | trainable tensors | backward s | vs rho 1 |\n|---|---|---|---|---|")
+    print("| rho | predicted FLOPs saving | trainable tensors | backward s | vs rho 1 |\n"
+          "|---|---|---|---|---|")
     full = rows[0]["backward_s"] if rows and rows[0]["rho"] == 1.0 else None
     for row in rows:
         ratio = f"{row['backward_s'] / full:.2f}x" if full else "-"

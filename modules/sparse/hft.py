@@ -143,7 +143,8 @@ class HalfFineTuningCallback(ParameterMaskCallback):
         Args:
             ratio: fraction of block units trained (paper p = 0.5).
             seed: RNG seed of the selection; the draw also depends on the stage index.
-            stage: index of this training stage in a sequence of fits (SFT -> DPO -> ...): a new draw per stage.
+            stage: index of this training stage in a sequence of fits (SFT -> DPO -> ...): a new draw per
+                stage.
             reselect: ``stage`` draws once per fit (the paper); ``epoch`` re-draws at every epoch start.
             select_embeddings: include input embeddings / LM head in the draw (tied ones as one unit).
         """
@@ -152,7 +153,8 @@ class HalfFineTuningCallback(ParameterMaskCallback):
         self.reselect, self.select_embeddings = reselect, select_embeddings
 
     def _selection(self, module: nn.Module, stage: int) -> Selection:
-        return Selection(trainable=hft_selection(module, self.seed, stage, self.ratio, self.select_embeddings))
+        return Selection(trainable=hft_selection(module, self.seed, stage, self.ratio,
+                                                 self.select_embeddings))
 
     def initial_selection(self, module: L.LightningModule) -> Selection:
         self.stage = self.first_stage

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from zoo.registry import register
 
-PAPER = "Exploring Parameter-Efficient Fine-Tuning Techniques for Code Generation with Large Language Models (2023)"
+PAPER = ("Exploring Parameter-Efficient Fine-Tuning Techniques for Code Generation with Large Language "
+         "Models (2023)")
 TARGET = "zoo.modules.peft_module:PeftModule"
 
 for _name, _what in (("peft_ia3", "IA3"), ("peft_prompt", "prompt tuning"), ("peft_prefix", "prefix tuning")):

@@ -1,6 +1,8 @@
-"""Lightweight personalisation: train only the embeddings + output layer (L-EO) or only the last block (L-LDB).
+"""Lightweight personalisation: train only the embeddings + output layer (L-EO) or only the last block
+(L-LDB).
 
-Paper: Exploring and Evaluating Personalized Models for Code Generation (2022). Spec: papers/07-personalized-codegen.md.
+Paper: Exploring and Evaluating Personalized Models for Code Generation (2022). Spec:
+    papers/07-personalized-codegen.md.
 
 Implements: the paper's trainable-parameter presets as one parameter-mask callback (applied in
 ``setup``, so the optimizer, the trainable-only checkpoint and the report see the same set):
@@ -28,7 +30,8 @@ from zoo.registry import register
 Policy = Literal["custom", "l_eo", "l_ldb"]
 
 
-def policy_parameter_names(module: L.LightningModule, policy: Policy, include_final_norm: bool = False) -> set[str]:
+def policy_parameter_names(module: L.LightningModule, policy: Policy,
+                           include_final_norm: bool = False) -> set[str]:
     """Names (``module.named_parameters()``) trainable under a preset."""
     names = {n for n, _ in module.named_parameters()}
     if policy == "custom":
@@ -52,7 +55,8 @@ class FreezePolicyCallback(ParameterMaskCallback):
     def __init__(self, policy: Policy = "l_eo", include_final_norm: bool = False) -> None:
         """
         Args:
-            policy: ``l_eo`` embeddings + output layer, ``l_ldb`` last decoder block, ``custom`` all parameters.
+            policy: ``l_eo`` embeddings + output layer, ``l_ldb`` last decoder block, ``custom`` all
+                parameters.
             include_final_norm: with ``l_ldb``, also train the final norm after the last block.
         """
         super().__init__()

@@ -99,8 +99,8 @@ class FinetuneStabilizer(ParameterMaskCallback):
     def initial_selection(self, module: L.LightningModule) -> Selection:
         layers = backbone.decoder_layers(module.model)
         if self.freeze_bottom + self.reinit_top > len(layers) and self.reinit_top:
-            raise ValueError(f"freeze_bottom {self.freeze_bottom} + reinit_top {self.reinit_top} > {len(layers)} "
-                             "blocks: re-initialised blocks would be frozen")
+            raise ValueError(f"freeze_bottom {self.freeze_bottom} + reinit_top {self.reinit_top} > "
+                             f"{len(layers)} blocks: re-initialised blocks would be frozen")
         if self.reinit_top:
             config = backbone.base_model(module.model).config
             std = getattr(config, "initializer_range", 0.02)

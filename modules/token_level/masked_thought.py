@@ -144,10 +144,14 @@ class MaskedThoughtCallback(Callback):
     ) -> None:
         """
         Args:
-            max_rate: final corruption probability of a response input token (0.4 GSM8K Llama-2; 0.2 MetaMath).
-            warmup_ratio: fraction of the planned optimizer steps over which the rate ramps 0 -> max_rate (0.66).
-            corruption: ``mask_token`` (paper: an added ``<mask>`` token) or ``random_token`` (official GSM8K script).
-            positions: ``response`` (every supervised input position incl. EOS, as the spec) or ``reasoning`` only.
+            max_rate: final corruption probability of a response input token (0.4 GSM8K Llama-2; 0.2
+                MetaMath).
+            warmup_ratio: fraction of the planned optimizer steps over which the rate ramps 0 -> max_rate
+                (0.66).
+            corruption: ``mask_token`` (paper: an added ``<mask>`` token) or ``random_token`` (official GSM8K
+                script).
+            positions: ``response`` (every supervised input position incl. EOS, as the spec) or ``reasoning``
+                only.
             random_low: random_token mode: lowest id drawn (inclusive).
             random_high: random_token mode: highest id drawn (exclusive); None = ``tokenizer.vocab_size``.
             drop_attention: also hide corrupted positions from attention (optional variant, off in the paper).

@@ -15,7 +15,8 @@ Implements (spec steps 1-7, following the official code where the page is ambigu
     * the code's bisection of ``a = b`` in ``[0, max_quantile]`` (``bisect_iterations``, ``bisect_tolerance``)
       towards ``sample_ratio`` and its top-up on shortfall to ``K = max(1, round(sample_ratio * B))`` by
       ``max(p - e, e - p)`` of min-max normalised PPL/Ent (topped-up samples join Q2 if ``p - e >= e - p``);
-    * token pruning inside Q2 samples only, score ``s_i = (1 - lambda) ppl_i + lambda (ppl_{i-1} + ppl_{i+1})``
+    * token pruning inside Q2 samples only, score ``s_i = (1 - lambda) ppl_i + lambda (ppl_{i-1} +
+      ppl_{i+1})``
       (``neighbor_mean=True`` adds the /2); a prompt neighbour counts 1 (= exp(0)), padding and the
       sequence edges 0. ``token_budget="global"`` (code): keep ``round(N_tok * sample_ratio * token_ratio)``
       of the batch's attention-valid positions, tokens of dropped samples count toward the cut, and the
@@ -63,7 +64,8 @@ from zoo.registry import register
 
 
 # ---------------------------------------------------------------------------- pure tensor functions
-def sample_coordinates(nll: Tensor, entropy: Tensor, response_mask: Tensor, entropy_mask: Tensor | None = None,
+def sample_coordinates(nll: Tensor, entropy: Tensor, response_mask: Tensor,
+                       entropy_mask: Tensor | None = None,
                        max_nll: float = 50.0) -> tuple[Tensor, Tensor]:
     """Per-sample ``PPL = exp(mean nll)`` over ``response_mask`` and mean ``entropy`` over ``entropy_mask``.
 
@@ -139,7 +141,8 @@ def triage(ppl: Tensor, ent: Tensor, sample_ratio: float, iterations: int = 10, 
 
 def token_scores(nll: Tensor, response_mask: Tensor, attention_mask: Tensor, neighbor_weight: float,
                  neighbor_mean: bool = False, max_nll: float = 50.0) -> Tensor:
-    """``s_i = (1 - lambda) ppl_i + lambda (ppl_{i-1} + ppl_{i+1})`` (B, T); /2 on the sum if ``neighbor_mean``.
+    """``s_i = (1 - lambda) ppl_i + lambda (ppl_{i-1} + ppl_{i+1})`` (B, T); /2 on the sum if
+    ``neighbor_mean``.
 
     ``ppl_i = exp(nll_i)`` on response tokens, 1 on other attention-valid positions (prompt), 0 on
     padding; neighbours outside the sequence count 0.
@@ -227,13 +230,16 @@ class QTuningCallback(Callback):
             neighbor_mean: divide the neighbour sum by 2 (the code does not).
             token_budget: ``global`` batch budget (code) or ``per_sample`` ceil(r_token * n) per Q2 sample.
             keep: ``lowest`` keeps the low-score tokens (code ``wise``); ``highest`` = ``fwise`` ablation.
-            entropy_positions: sample entropy over ``response`` tokens (page) or ``all`` valid positions (code).
+            entropy_positions: sample entropy over ``response`` tokens (page) or ``all`` valid positions
+                (code).
             bisect_iterations: maximum bisection iterations on the quantile (code 10).
             bisect_tolerance: stop when the kept fraction is within this of sample_ratio (code 0.01).
             max_quantile: upper end of the quantile search range (code 0.49).
-            min_batch_size: smaller micro-batches are trained whole (quantiles would be degenerate; warned once).
+            min_batch_size: smaller micro-batches are trained whole (quantiles would be degenerate; warned
+                once).
             max_nll: clamp of nll before exp (overflow guard).
-            scoring: ``training_forward`` (code: score on the training forward) or ``separate_pass`` (a no-grad
+            scoring: ``training_forward`` (code: score on the training forward) or ``separate_pass`` (a
+                no-grad
                 scoring pass, then train on the kept samples only: the compute-saving mode).
         """
         super().__init__()
@@ -272,7 +278,8 @@ class QTuningCallback(Callback):
         return self.score(module, batch, outputs)
 
     def score(self, module: L.LightningModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor:
-        """(B, T) 0/1 weights after sample triage and Q2 token pruning, from ``outputs``' detached statistics."""
+        """(B, T) 0/1 weights after sample triage and Q2 token pruning, from ``outputs``' detached
+        statistics."""
         attention = batch["attention_mask"]
         response = target_mask(batch["labels"]) & attention.bool()
         active = response.shape[0] >= self.min_batch_size
@@ -294,7 +301,8 @@ class QTuningCallback(Callback):
         result = triage(ppl, ent, self.sample_ratio, self.bisect_iterations, self.bisect_tolerance,
                         self.max_quantile)
         self.last_triage = result
-        scores = token_scores(nll, response, attention, self.neighbor_weight, self.neighbor_mean, self.max_nll)
+        scores = token_scores(nll, response, attention, self.neighbor_weight, self.neighbor_mean,
+                              self.max_nll)
         weights = prune_tokens(scores, response, attention, result.q2, result.kept, self.sample_ratio,
                                self.token_ratio, self.token_budget, self.keep)
         if module._trainer is not None:

@@ -77,7 +77,8 @@ def prompt_attention(probs: Tensor, prompt_mask: Tensor) -> Tensor:
 
 def sstoken_scores(current_loss: Tensor, history_loss: Tensor, attention: Tensor, response_mask: Tensor,
                    gamma: float) -> Tensor:
-    """``gamma * minmax(L_his - L_cur) + (1 - gamma) * attention``, all (B, T); 0 outside ``response_mask``."""
+    """``gamma * minmax(L_his - L_cur) + (1 - gamma) * attention``, all (B, T); 0 outside
+    ``response_mask``."""
     rel = history_loss.float() - current_loss.float()
     score = gamma * minmax_per_example(rel, response_mask) + (1.0 - gamma) * attention.float()
     return torch.where(response_mask, score, torch.zeros_like(score))
@@ -155,11 +156,14 @@ class SSTokenSelectCallback(Callback):
         """
         Args:
             keep_ratio: fraction of response tokens trained on per example (paper ρ, 0.6; 0.8 for 14B).
-            gamma: weight of the normalised retrospective excess loss vs the prompt-attention score (paper γ, 0.5).
-            history: ``base`` = frozen copy of the model before training (released code); ``ema`` = paper Eq. 4.
+            gamma: weight of the normalised retrospective excess loss vs the prompt-attention score (paper γ,
+                0.5).
+            history: ``base`` = frozen copy of the model before training (released code); ``ema`` = paper Eq.
+                4.
             ema_decay: EMA smoothing α of the history model (``history="ema"`` only).
             probe_layer: decoder layer whose attention gives the semantic score (-1 = last, released code).
-            attention_only_steps: optimizer steps at the start that use the attention score alone (γ treated as 0).
+            attention_only_steps: optimizer steps at the start that use the attention score alone (γ treated
+                as 0).
         """
         super().__init__()
         if not 0.0 < keep_ratio <= 1.0:
@@ -167,7 +171,8 @@ class SSTokenSelectCallback(Callback):
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         self.keep_ratio, self.gamma, self.history = keep_ratio, gamma, history
-        self.ema_decay, self.probe_layer, self.attention_only_steps = ema_decay, probe_layer, attention_only_steps
+        self.ema_decay, self.probe_layer = ema_decay, probe_layer
+        self.attention_only_steps = attention_only_steps
         self.history_model: nn.Module | None = None
         self._probe: dict[str, Any] = {}
         self._handle = None
@@ -221,17 +226,19 @@ class SSTokenSelectCallback(Callback):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         rope = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         if rope is None:
-            raise RuntimeError("ssToken's attention probe needs rotary position embeddings (Llama-style layers)")
+            raise RuntimeError("ssToken's attention probe needs rotary position embeddings "
+                               "(Llama-style layers)")
         self._probe = {"hidden": hidden.detach(), "cos": rope[0].detach(), "sin": rope[1].detach()}
 
     # ------------------------------------------------------------------ scores
     def prompt_attention_scores(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, T) head-mean attention of each query on the prompt, at the probe layer of the last forward."""
         if not self._probe:
-            raise RuntimeError("ssToken: the probe layer did not run; was attach()/setup called before forward?")
+            raise RuntimeError("ssToken: the probe layer did not run; was attach()/setup called before "
+                               "forward?")
         with torch.no_grad():
-            probs = recompute_attention(self._attn, self._probe["hidden"], self._probe["cos"], self._probe["sin"],
-                                        batch["attention_mask"])
+            probs = recompute_attention(self._attn, self._probe["hidden"], self._probe["cos"],
+                                        self._probe["sin"], batch["attention_mask"])
         length = batch["input_ids"].shape[1]
         probs = probs[..., -length:, -length:]  # drop virtual prefix positions, if any
         if "segments" in batch:
@@ -275,7 +282,8 @@ class SSTokenSelectCallback(Callback):
         return top_ratio_mask(scores, response, self.keep_ratio)
 
     def _sync_vocabulary(self, model: nn.Module) -> None:
-        """If a callback grew the trainee's vocabulary after the snapshot (e.g. MFT's <mask>), copy the new rows."""
+        """If a callback grew the trainee's vocabulary after the snapshot (e.g. MFT's <mask>), copy the new
+        rows."""
         rows = model.get_input_embeddings().weight.shape[0]
         old = self.history_model.get_input_embeddings().weight.shape[0]
         if old >= rows:

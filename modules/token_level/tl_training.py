@@ -14,7 +14,8 @@ Implements
     * PKT, the key-token weighting (:class:`TLKeyTokenWeightCallback`, a TokenSelector): key tokens are
       (a) the first token of the called tool's name and (b) for every other tool offered in the prompt,
       the token where the gold name first diverges from it (longest common prefix; a zero prefix
-      collapses to (a); a gold name that is a prefix of the other diverges at the token after it). With ``N_key`` key and ``N_other`` other target tokens of an example, key tokens
+      collapses to (a); a gold name that is a prefix of the other diverges at the token after it). With
+      ``N_key`` key and ``N_other`` other target tokens of an example, key tokens
       get ``min(N_other / N_key, max_weight)`` when ``N_key < N_other`` (else 1), all others 1, and the
       loss is ``sum w CE / sum w`` (set the module's ``reduction: weight_mean``, as the config does).
       The datamodule marks the positions (batch key ``key_tokens``: 1 tool-name key, 2 first token of
@@ -69,8 +70,8 @@ from zoo.registry import register
 
 __all__ = [  # the data-side pieces live in zoo.datamodules.tool_calls; re-exported for one import
     "ERROR_SIGNATURES", "KEY_ARGUMENT", "KEY_NONE", "KEY_TOOL_NAME", "TOOL_OUTPUT_ROLES", "TLErrorTurnFilter",
-    "TLKeyTokenWeightCallback", "common_prefix", "key_char_offsets", "key_token_weights", "normalise_for_match",
-    "parse_call", "token_at_char", "tool_call_reward",
+    "TLKeyTokenWeightCallback", "common_prefix", "key_char_offsets", "key_token_weights",
+    "normalise_for_match", "parse_call", "token_at_char", "tool_call_reward",
 ]
 
 
@@ -115,8 +116,8 @@ class TLKeyTokenWeightCallback(Callback):
         codes = batch.get("key_tokens")
         if codes is None:
             if not self._warned:
-                rank_zero_warn("TLKeyTokenWeightCallback: batches have no 'key_tokens' (use ToolUseDataModule); "
-                               "training without key-token weights")
+                rank_zero_warn("TLKeyTokenWeightCallback: batches have no 'key_tokens' (use "
+                               "ToolUseDataModule); training without key-token weights")
                 self._warned = True
             return torch.ones_like(target, dtype=torch.float32)
         key = codes == KEY_TOOL_NAME

@@ -33,7 +33,8 @@ def builtin():
 def test_builtin_pairs_chosen_correct_rejected_wrong_and_deterministic(builtin):
     again = _data()
     again.setup("fit")
-    assert [r["rejected"] for r in builtin.records["train"]] == [r["rejected"] for r in again.records["train"]]
+    rejected = [r["rejected"] for r in builtin.records["train"]]
+    assert rejected == [r["rejected"] for r in again.records["train"]]
     for record in builtin.records["train"]:
         assert tasks.score_answer(record, extract_final_answer(record["chosen"])) == 1.0
         assert tasks.score_answer(record, extract_final_answer(record["rejected"])) == 0.0
@@ -59,7 +60,8 @@ def test_batch_is_chosen_rows_then_rejected_rows_with_prompt_masked(builtin):
     assert torch.equal(index_c, index_r)
     for row, (index, chosen) in enumerate(zip(batch["index"].tolist(), batch["is_chosen"].tolist())):
         record = builtin.records["train"][index]
-        expected = encode_example(builtin.tokenizer, record["prompt"], record["chosen" if chosen else "rejected"])
+        expected = encode_example(builtin.tokenizer, record["prompt"],
+                                  record["chosen" if chosen else "rejected"])
         n = len(expected["input_ids"])
         assert batch["input_ids"][row, :n].tolist() == expected["input_ids"]
         assert batch["labels"][row, :n].tolist() == expected["labels"]
@@ -120,7 +122,8 @@ def test_preference_metrics_of_an_sft_model_match_naive_log_probs(builtin, tiny_
     assert metrics["reward_margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-4)
     assert preference_metrics(module, [batch]) == metrics
     # a module without its own reward: the reward IS the log-prob margin
-    assert (metrics["logp_accuracy"], metrics["logp_margin"]) == (metrics["reward_accuracy"], metrics["reward_margin"])
+    assert metrics["logp_accuracy"] == metrics["reward_accuracy"]
+    assert metrics["logp_margin"] == metrics["reward_margin"]
 
 
 def test_preference_nll_is_chosen_only_with_a_rejected_column(builtin, tiny_module):

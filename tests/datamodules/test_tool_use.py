@@ -74,7 +74,7 @@ def test_score_completion_exact_name_and_argument_match():
         "exact_match": 1.0, "tool_name_match": 1.0, "arguments_match": 1.0, "reward": 1.0}
     wrong_args = json.dumps({"name": call["name"], "arguments": {k: "zzz" for k in call["arguments"]}})
     scores = data.score_completion(record, "Sure! " + wrong_args)
-    assert scores["tool_name_match"] == 1.0 and scores["arguments_match"] == 0.0 and scores["exact_match"] == 0.0
+    assert (scores["tool_name_match"], scores["arguments_match"], scores["exact_match"]) == (1.0, 0.0, 0.0)
     assert data.score_completion(record, "I cannot help")["exact_match"] == 0.0
     metrics = data.evaluation_metrics([record, record], [record["response"], "nope"])
     assert metrics["exact_match"] == 0.5 and metrics["reward"] == (1.0 - 2.0) / 2

@@ -60,7 +60,8 @@ def make_problem(seed: int = 0, n: int = N, h: int = H, v: int = V):
 
 def run(path, hidden, weight, bias, labels, token_weights, upstream, dtype=torch.float32):
     """Loss and grads (hidden, weight, bias) of ``sum(upstream * loss)`` in ``dtype``, returned as float64."""
-    leaves = [t.to(dtype, copy=True).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    leaves = [t.to(dtype, copy=True).requires_grad_() if t is not None else None
+              for t in (hidden, weight, bias)]
     loss = path(leaves[0], leaves[1], labels, token_weights.to(dtype), bias=leaves[2])
     (loss * upstream.to(loss.dtype)).sum().backward()
     grads = [t.grad.double() if t is not None else None for t in leaves]
@@ -185,7 +186,8 @@ def test_ignore_index_rows_contribute_nothing_whatever_their_weight(path):
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
 def test_fractional_weights_scale_loss_and_grads_linearly(path):
-    """sum(w * CE): the loss and each row's hidden gradient scale by w_i; weight/bias grads are sum over w_i."""
+    """sum(w * CE): the loss and each row's hidden gradient scale by w_i; weight/bias grads are sum over
+    w_i."""
     hidden, weight, bias, labels, token_weights, _ = make_problem()
     ones = (token_weights != 0).float()
     upstream = torch.ones(N)
@@ -263,5 +265,6 @@ def test_dispatcher_uses_reference_on_cpu_and_triton_registers_itself(monkeypatc
 
     monkeypatch.setitem(selected_ce.TRITON_IMPLEMENTATIONS, "selected_linear_cross_entropy", refuse)
     hidden, weight, bias, labels, token_weights, _ = make_problem()
-    torch.testing.assert_close(selected_linear_cross_entropy(hidden, weight, labels, token_weights, bias=bias),
-                               naive_linear_cross_entropy(hidden, weight, labels, token_weights, bias=bias))
+    torch.testing.assert_close(
+        selected_linear_cross_entropy(hidden, weight, labels, token_weights, bias=bias),
+        naive_linear_cross_entropy(hidden, weight, labels, token_weights, bias=bias))

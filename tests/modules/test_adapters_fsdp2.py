@@ -18,8 +18,9 @@ RECORDER = "tests.modules.test_adapters_fsdp2.AdapterRecorder"
 DATA = ["--model.init_args.model", "tiny-llama", "--data.init_args.dataset", "chain_sum",
         "--data.init_args.num_train", "16", "--data.init_args.num_val", "4", "--data.init_args.num_test", "4",
         "--data.init_args.max_length", "128", "--data.init_args.batch_size", "2"]
-TRAINER = ["--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
-           "false", "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
+TRAINER = ["--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+           "--trainer.enable_checkpointing", "false",
            "--trainer.max_steps", "3", "--model.init_args.export", "false"]
 
 
@@ -37,8 +38,9 @@ class AdapterRecorder(Callback):
 
 def run_fsdp2(config: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("ZOO_RUN_DIR", "TRITON_INTERPRET")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "zoo", "fit", "--config", str(REPO / config), "--config",
                str(REPO / "configs/strategies/fsdp2.yaml"), *DATA, *TRAINER, *extra,
                "--trainer.default_root_dir", str(tmp_path / "run")]

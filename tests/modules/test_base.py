@@ -1,4 +1,5 @@
-"""CausalLMModule: loss convention against HF, selectors, reductions, freezing, NaN guard, checkpoints, export."""
+"""CausalLMModule: loss convention against HF, selectors, reductions, freezing, NaN guard, checkpoints,
+export."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def zoo_loss_and_grads(module: CausalLMModule, batch, callbacks=()):
 
 
 def hand_token_losses(module: CausalLMModule, batch) -> torch.Tensor:
-    """(B, T) target-aligned CE from the full HF logits: column t = -log p(x_t | x_<t); 0 where unsupervised."""
+    """(B, T) target-aligned CE from the full HF logits: column t = -log p(x_t | x_<t); 0 where
+    unsupervised."""
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = logits.float().log_softmax(-1)
@@ -123,7 +125,8 @@ def test_all_ones_selector_is_bit_identical_to_no_selector(tiny_module, make_bat
 
 
 def test_all_ones_selector_in_fit_is_bit_identical(tiny_module, tiny_data, fit_tiny):
-    """Through ``training_step`` inside Lightning: same weights after 2 steps with and without the selector."""
+    """Through ``training_step`` inside Lightning: same weights after 2 steps with and without the
+    selector."""
 
     def train(callbacks):
         module = tiny_module()
@@ -296,5 +299,6 @@ def test_hand_batch_helper_is_consistent_with_hf_shift(tiny_module, make_batch):
     ce = hand_token_losses(module, batch)
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"]).logits
-    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                batch["labels"][:, 1:].reshape(-1))
     assert torch.allclose(ce.sum() / (batch["labels"][:, 1:] != -100).sum(), reference, atol=ATOL)

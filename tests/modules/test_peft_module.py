@@ -1,4 +1,5 @@
-"""PeftModule: only adapter parameters train, the adapter export reloads with peft and gives the same logits."""
+"""PeftModule: only adapter parameters train, the adapter export reloads with peft and gives the same
+logits."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_lora_export_reloads_with_peft_and_gives_the_same_logits(tiny_module, ti
 
 
 @pytest.mark.parametrize("config", [
-    {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+    {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+     "feedforward_modules": ["down_proj"]},
     {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4},
 ])
 def test_other_peft_types_train_one_step(tiny_module, tiny_data, fit_tiny, config):

@@ -139,7 +139,8 @@ def _smollm2_available() -> str | None:
 
 @pytest.mark.smollm2
 def test_smollm2_end_to_end_smoke(tmp_path):
-    """CI smoke of the embedded path: convert (once), 2 LoRA steps from YAML, export loads, 4-problem bench."""
+    """CI smoke of the embedded path: convert (once), 2 LoRA steps from YAML, export loads, 4-problem
+    bench."""
     reason = _smollm2_available()
     if reason:
         pytest.skip(reason)
@@ -151,8 +152,9 @@ def test_smollm2_end_to_end_smoke(tmp_path):
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
     run = tmp_path / "lora"
     result = subprocess.run(
-        [sys.executable, "-m", "zoo", "fit", "--config", str(REPO / "configs/lora.yaml"), "--trainer.max_steps", "2",
-         "--data.init_args.num_train", "16", "--data.init_args.num_val", "4", "--data.init_args.num_test", "4",
+        [sys.executable, "-m", "zoo", "fit", "--config", str(REPO / "configs/lora.yaml"),
+         "--trainer.max_steps", "2", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
+         "--data.init_args.num_test", "4",
          "--data.init_args.max_length", "256", "--data.init_args.batch_size", "4",
          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -168,11 +170,12 @@ def test_smollm2_end_to_end_smoke(tmp_path):
     if not (REPO / "zoo" / "harness" / "bench" / "__init__.py").exists():
         pytest.skip("zoo/harness/bench/ does not exist yet: bench smoke skipped (fit + export checked)")
     out, data = tmp_path / "bench", tmp_path / "small_data.yaml"
-    data.write_text("data:\n  class_path: zoo.datamodules.SFTDataModule\n  init_args:\n    dataset: gsm_symbolic\n"
-                    "    num_train: 16\n    num_val: 4\n    num_test: 4\n    max_length: 256\n    batch_size: 4\n")
+    data.write_text("data:\n  class_path: zoo.datamodules.SFTDataModule\n  init_args:\n"
+                    "    dataset: gsm_symbolic\n    num_train: 16\n    num_val: 4\n    num_test: 4\n"
+                    "    max_length: 256\n    batch_size: 4\n")
     result = subprocess.run(
-        [sys.executable, "-m", "zoo", "bench", str(REPO / "configs/sft.yaml"), "--max_steps", "2", "--limit", "4",
-         "--max_new_tokens", "48", "--data-config", str(data), "--out", str(out)],
+        [sys.executable, "-m", "zoo", "bench", str(REPO / "configs/sft.yaml"), "--max_steps", "2",
+         "--limit", "4", "--max_new_tokens", "48", "--data-config", str(data), "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "results.jsonl").exists() and (out / "results.md").exists()

@@ -1,4 +1,5 @@
-"""``python -m zoo``: subcommands, ``list``, argument errors (exit 2), user errors (exit 1, one line), run dirs."""
+"""``python -m zoo``: subcommands, ``list``, argument errors (exit 2), user errors (exit 1, one line), run
+dirs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from zoo.cli import main
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "smoke" / "tiny.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--data.init_args.num_train", "16", "--data.init_args.num_val", "4", "--data.init_args.num_test", "4"]
+         "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
+         "--data.init_args.num_test", "4"]
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +124,8 @@ def test_each_run_gets_its_own_run_dir(tmp_path):
         assert (run / "config.yaml").exists()
         assert "train/loss" in (run / "metrics.csv").read_text().splitlines()[0]
         assert list((run / "checkpoints").glob("*.ckpt"))
-        assert (run / "export" / "model.safetensors").exists() and (run / "export" / "tokenizer.json").exists()
+        export = run / "export"
+        assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
 
 
 def test_validate_test_and_predict_subcommands(tmp_path):

@@ -43,8 +43,10 @@ def test_appended_callback_keeps_every_base_trainer_setting(tmp_path, monkeypatc
 
 def test_layered_configs_and_the_command_line_keep_appending(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = build(tmp_path, "--config", str(CONFIGS / "masked_thought.yaml"), "--config", str(CONFIGS / "hft.yaml"),
-                "--trainer.callbacks+=zoo.modules.sparse.stability.FinetuneStabilizer", "--trainer.max_steps", "7")
+    cli = build(tmp_path, "--config", str(CONFIGS / "masked_thought.yaml"),
+                "--config", str(CONFIGS / "hft.yaml"),
+                "--trainer.callbacks+=zoo.modules.sparse.stability.FinetuneStabilizer",
+                "--trainer.max_steps", "7")
     names = callback_names(cli.trainer)
     assert names.index("MaskedThoughtCallback") < names.index("HalfFineTuningCallback") < names.index(
         "FinetuneStabilizer")

@@ -1,4 +1,5 @@
-"""The one decoder (zoo.decoding): stop strings, sampling, top-k/top-p, and plain hooks equal to a hand loop."""
+"""The one decoder (zoo.decoding): stop strings, sampling, top-k/top-p, and plain hooks equal to a hand
+loop."""
 
 from __future__ import annotations
 

@@ -139,10 +139,12 @@ def test_mean_std_and_markdown_rows():
     assert mean_std([0.0, 1.0]) == pytest.approx((0.5, math.sqrt(0.5)))
     assert mean_std([2.0]) == (2.0, 0.0)
     records = [
-        {"method": "lora", "backbone": "m", "budget": {"max_steps": 2}, "steps": 2, "main_metric": "exact_match",
+        {"method": "lora", "backbone": "m", "budget": {"max_steps": 2}, "steps": 2,
+         "main_metric": "exact_match",
          "metrics": {"exact_match": em, "nll": nll}, "trainable_params": 10}
         for em, nll in ((0.0, 2.0), (1.0, 4.0))
-    ] + [{"method": "base", "backbone": "m", "budget": {"max_steps": 0}, "steps": 0, "main_metric": "exact_match",
+    ] + [{"method": "base", "backbone": "m", "budget": {"max_steps": 0}, "steps": 0,
+          "main_metric": "exact_match",
           "metrics": {"exact_match": 0.25, "nll": 3.0}, "trainable_params": 0}]
     rows = summarize(records)
     assert [r["method"] for r in rows] == ["base", "lora"]
@@ -179,8 +181,10 @@ def test_module_generation_equals_the_bare_decoder_and_uses_the_system_prompt(ti
     plain.model.load_state_dict(sharp_tiny[0].state_dict())
     prompts = PROMPTS[:3]
     ours = generate_for_module(plain, prompts, max_new_tokens=6, system_prompt="Be brief.")
-    assert ours == generate(plain.model, plain.tokenizer, prompts, max_new_tokens=6, system_prompt="Be brief.")
-    assert ours != generate(plain.model, plain.tokenizer, prompts, max_new_tokens=6)  # the system prompt counts
+    assert ours == generate(plain.model, plain.tokenizer, prompts, max_new_tokens=6,
+                            system_prompt="Be brief.")
+    # the system prompt counts
+    assert ours != generate(plain.model, plain.tokenizer, prompts, max_new_tokens=6)
 
 
 def test_bench_generation_runs_hooks_in_eval_mode_and_restores_the_mode(tiny_module):

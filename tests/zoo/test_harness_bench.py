@@ -68,7 +68,8 @@ def test_ckpt_on_the_export_reproduces_the_trained_evaluation(bench_dir):
     assert ckpt["metrics"]["nll"] == pytest.approx(tiny["metrics"]["nll"], rel=1e-6)
     assert ckpt["metrics"]["nll_tokens"] == tiny["metrics"]["nll_tokens"]
     completions = [r["completion"] for r in read(out / "runs" / "ckpt-tiny-s0-steps2" / "completions.jsonl")]
-    assert completions == [r["completion"] for r in read(out / "runs" / "tiny-s0-steps2" / "completions.jsonl")]
+    trained = read(out / "runs" / "tiny-s0-steps2" / "completions.jsonl")
+    assert completions == [r["completion"] for r in trained]
 
 
 def test_missing_config_is_one_line_and_nonzero(tmp_path, capsys):
@@ -87,7 +88,8 @@ def test_data_overrides_keep_only_data_options_with_their_values():
 
     given = ["--trainer.max_epochs", "3", "--data.init_args.num_test", "4", "--data.init_args.seed=2",
              "--trainer.enable_progress_bar=false", "--data", "x.yaml"]
-    assert data_overrides(given) == ["--data.init_args.num_test", "4", "--data.init_args.seed=2", "--data", "x.yaml"]
+    assert data_overrides(given) == ["--data.init_args.num_test", "4", "--data.init_args.seed=2",
+                                     "--data", "x.yaml"]
 
 
 def test_peak_rss_is_reset_between_runs():
@@ -103,9 +105,10 @@ def test_peak_rss_is_reset_between_runs():
 
 
 def test_bench_reports_preference_metrics_on_pair_data(tmp_path):
-    argv = ["bench", TINY, "--max_steps", "1", "--limit", "2", "--max_new_tokens", "4", "--out", str(tmp_path),
-            "--", "--data", "zoo.datamodules.preference.PreferenceDataModule", "--data.init_args.dataset", "chain_sum",
-            "--data.init_args.num_train", "8", "--data.init_args.num_val", "2", "--data.init_args.num_test", "4",
+    argv = ["bench", TINY, "--max_steps", "1", "--limit", "2", "--max_new_tokens", "4",
+            "--out", str(tmp_path), "--", "--data", "zoo.datamodules.preference.PreferenceDataModule",
+            "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "8",
+            "--data.init_args.num_val", "2", "--data.init_args.num_test", "4",
             "--data.init_args.batch_size", "2", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false"]
     assert zoo_main(argv) == 0
@@ -113,7 +116,8 @@ def test_bench_reports_preference_metrics_on_pair_data(tmp_path):
     assert [r["method"] for r in records] == ["base", "tiny"]
     for record in records:
         metrics = record["metrics"]
-        assert 0 < metrics["pairs"] <= 4 and 0.0 <= metrics["reward_accuracy"] <= 1.0  # rows that cannot be perturbed drop
+        # rows that cannot be perturbed drop
+        assert 0 < metrics["pairs"] <= 4 and 0.0 <= metrics["reward_accuracy"] <= 1.0
         assert metrics["logp_accuracy"] == metrics["reward_accuracy"]  # plain SFT modules: reward = log-prob
     assert "reward_accuracy" in (tmp_path / "results.md").read_text()
 
@@ -121,10 +125,11 @@ def test_bench_reports_preference_metrics_on_pair_data(tmp_path):
 def test_a_failing_config_does_not_stop_the_sweep(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text(Path(TINY).read_text().replace("lr: 1.0e-3", "lr: 1.0e-3\n    no_such_option: 1"))
-    argv = ["bench", str(broken), TINY, "--max_steps", "1", "--limit", "1", "--max_new_tokens", "2", "--no-base",
-            "--out", str(tmp_path / "out"), *SMALL_DATA]
+    argv = ["bench", str(broken), TINY, "--max_steps", "1", "--limit", "1", "--max_new_tokens", "2",
+            "--no-base", "--out", str(tmp_path / "out"), *SMALL_DATA]
     assert zoo_main(argv) == 1
-    assert [r["method"] for r in read(tmp_path / "out" / "results.jsonl")] == ["tiny"]  # the good run still ran
+    # the good run still ran
+    assert [r["method"] for r in read(tmp_path / "out" / "results.jsonl")] == ["tiny"]
     assert "1 of 2 runs failed" in capsys.readouterr().err
 
 
@@ -137,13 +142,15 @@ def test_the_same_data_through_different_config_files_has_one_identity(tmp_path)
         "class_path: zoo.datamodules.SFTDataModule\ninit_args:\n  dataset: chain_sum\n  num_test: 4\n")
     for folder, link in ((tmp_path, "data.yaml"), (nested, "../../data.yaml")):
         (folder / "method.yaml").write_text(
-            f"model:\n  class_path: zoo.modules.CausalLMModule\n  init_args:\n    model: tiny-llama\ndata: {link}\n")
+            "model:\n  class_path: zoo.modules.CausalLMModule\n  init_args:\n    model: tiny-llama\n"
+            f"data: {link}\n")
     a, b = (data_block(build_cli(["--config", str(folder / "method.yaml")])) for folder in (tmp_path, nested))
     assert a == b and a["init_args"]["num_test"] == 4
 
 
 def test_limit_zero_skips_generation_and_keeps_the_nll(tmp_path):
-    argv = ["bench", TINY, "--max_steps", "1", "--limit", "0", "--no-base", "--out", str(tmp_path), *SMALL_DATA]
+    argv = ["bench", TINY, "--max_steps", "1", "--limit", "0", "--no-base", "--out", str(tmp_path),
+            *SMALL_DATA]
     assert zoo_main(argv) == 0
     (record,) = read(tmp_path / "results.jsonl")
     assert record["eval_examples"] == 0 and "exact_match" not in record["metrics"]

@@ -10,9 +10,11 @@ from zoo.harness.speed import main, make_batch
 
 
 def test_speed_script_prints_both_sides_and_the_ratio(capsys):
-    assert main(["--model", "tiny-llama", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16"]) == 0
+    assert main(["--model", "tiny-llama", "--steps", "2", "--warmup", "1", "--batch", "2",
+                 "--seq", "16"]) == 0
     out = capsys.readouterr().out
-    lightning = float(re.search(r"lightning CausalLMModule :\s+([\d,]+) tokens/s", out).group(1).replace(",", ""))
+    lightning = float(re.search(r"lightning CausalLMModule :\s+([\d,]+) tokens/s", out).group(1)
+                      .replace(",", ""))
     bare = float(re.search(r"bare PyTorch loop\s+:\s+([\d,]+) tokens/s", out).group(1).replace(",", ""))
     ratio = float(re.search(r"ratio lightning / bare\s+:\s+([\d.]+)", out).group(1))
     assert lightning > 0 and bare > 0

@@ -28,7 +28,8 @@ def test_backbone_sees_real_plus_virtual_tokens(table):
 
 
 def test_shorter_prompt_saves_activations_and_trainable_count_is_the_modules(table):
-    assert table["prompt_tuning"][1]["saved_mib"] > table["dept"][1]["saved_mib"] > table["lora_r1"][1]["saved_mib"]
+    saved = {name: rows[1]["saved_mib"] for name, rows in table.items()}
+    assert saved["prompt_tuning"] > saved["dept"] > saved["lora_r1"]
     for module, result in table.values():
         assert result["trainable"] == sum(p.numel() for p in module.trainable_parameters().values())
         assert result["step_s"] > 0

@@ -59,8 +59,8 @@ def test_regular_install_imports_zoo_modules_and_no_top_level_modules(tmp_path):
              "print(b.__file__);"
              "print(importlib.util.find_spec('modules'), importlib.util.find_spec('datamodules'))")
     env = {**os.environ, "PYTHONPATH": str(target)}
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     path, specs = result.stdout.strip().splitlines()[-2:]
     assert path.startswith(str(target))  # the installed copy, not the editable checkout

@@ -49,7 +49,8 @@ def test_reregistering_identically_is_fine_but_conflicts_fail(scratch_registry):
 
 
 def test_methods_sorted_baselines_first(scratch_registry):
-    scratch_registry.register(name="aa-late", kind="callback", paper="P", spec="42", config="configs/sft.yaml",
+    scratch_registry.register(name="aa-late", kind="callback", paper="P", spec="42",
+                              config="configs/sft.yaml",
                               target="zoo.modules.base:CausalLMModule")
     specs = [m.spec or "00" for m in scratch_registry.methods()]
     assert specs == sorted(specs)
@@ -110,9 +111,9 @@ def test_kind_comes_from_the_nearest_known_base_class(scratch_registry):
     assert [e.kind for e in entries.values()] == ["module", "adapter", "strategy"]
     assert entries["zz-objective"].config == "configs/zz-objective.yaml"
     assert entries["zz-wrapper"].config == "configs/sft.yaml"
-    assert entries["zz-objective"].target.endswith(":test_kind_comes_from_the_nearest_known_base_class.<locals>."
-                                                   "Objective")
-    assert scratch_registry.kind_of(Callback) == "callback" and scratch_registry.kind_of(Selector) == "callback"
+    local = "test_kind_comes_from_the_nearest_known_base_class.<locals>.Objective"
+    assert entries["zz-objective"].target.endswith(f":{local}")
+    assert scratch_registry.kind_of(Callback) == scratch_registry.kind_of(Selector) == "callback"
     with pytest.raises(ConfigError, match="kind="):
         decorate(name="zz-plain", paper="P", spec="99")(Plain)
 

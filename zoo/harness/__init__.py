@@ -2,7 +2,8 @@
 
 ``zoo.harness.generation``  batched greedy generation (left padding, KV cache) and held-out response NLL.
 ``zoo.harness.runner``      builds a run (trainer, module, data) from YAML configs: the zoo's LightningCLI.
-``zoo.harness.bench``       ``python -m zoo bench``: train configs on one budget, evaluate, write results.{jsonl,md,png}.
+``zoo.harness.bench``       ``python -m zoo bench``: train configs on one budget, evaluate, write
+results.{jsonl,md,png}.
 ``zoo.harness.speed``       ``python -m zoo.harness.speed``: Lightning training step vs a bare PyTorch loop.
 """
 

@@ -26,8 +26,10 @@ __all__ = ["cut_at_eos", "generate", "generate_for_module", "generate_ids", "lef
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 256,
-                 system_prompt: str | None = None, batch_size: int = 16, use_cache: bool = True) -> list[list[int]]:
-    """Greedy new token ids for each prompt (EOS and after removed), in the order given (:mod:`zoo.decoding`)."""
+                 system_prompt: str | None = None, batch_size: int = 16,
+                 use_cache: bool = True) -> list[list[int]]:
+    """Greedy new token ids for each prompt (EOS and after removed), in the order given
+    (:mod:`zoo.decoding`)."""
     if not prompts:
         return []
     encoded = [render_prompt_ids(tokenizer, p, system_prompt) for p in prompts]

@@ -37,8 +37,8 @@ def export_folder(path: str | Path) -> Path:
     export = folder / "export" if (folder / "export").is_dir() else folder
     markers = (EXPORT_MANIFEST, "config.json", "adapter_config.json")
     if not any((export / name).exists() for name in markers):
-        raise LoadError(f"{path}: holds no export ({', '.join(markers)}, directly or under export/); pass a zoo "
-                        "run directory or its export folder")
+        raise LoadError(f"{path}: holds no export ({', '.join(markers)}, directly or under export/); pass "
+                        "a zoo run directory or its export folder")
     return export
 
 
@@ -64,7 +64,8 @@ def read_manifest(export: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def load_run(path: str | Path, model: str | None = None, device: str | torch.device | None = None) -> CausalLMModule:
+def load_run(path: str | Path, model: str | None = None,
+             device: str | torch.device | None = None) -> CausalLMModule:
     """The run's own module class, rebuilt from its export and holding its trained tensors, in eval mode.
 
     Args:
@@ -112,7 +113,8 @@ def _load_plain(export: Path, model: str | None) -> CausalLMModule:
 
     base = model or json.loads(adapter_file.read_text()).get("base_model_name_or_path")
     if not base:
-        raise LoadError(f"{export}: cannot tell the adapter's backbone; pass model=NAME (bench: --model NAME)")
+        raise LoadError(f"{export}: cannot tell the adapter's backbone; pass model=NAME (bench: --model "
+                        "NAME)")
     module = CausalLMModule(model=base, export=False)
     module.model = PeftModel.from_pretrained(module.model, str(export))
     module.adapter.bind(module.model, module.tokenizer)

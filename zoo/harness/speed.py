@@ -88,12 +88,14 @@ def bare_seconds_per_step(model, batch: dict[str, torch.Tensor], steps: int, war
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.harness.speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-llama", help="backbone: tiny-llama, smollm2-135m, a folder or hub id")
+    parser.add_argument("--model", default="tiny-llama",
+                        help="backbone: tiny-llama, smollm2-135m, a folder or hub id")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (>= 1)")
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
     parser.add_argument("--seq", type=int, default=256, help="tokens per row")
-    parser.add_argument("--repeats", type=int, default=1, help="alternate the two sides this many times, keep the best")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate the two sides this many times, keep the best")
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate on both sides")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
@@ -113,14 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         bare_times.append(bare_seconds_per_step(bare_model, batch, args.steps, args.warmup, args.lr))
         lightning_times.append(lightning_seconds_per_step(module, batch, args.steps, args.warmup))
-        print(f"[speed] repeat {repeat + 1}/{args.repeats}: lightning {tokens / lightning_times[-1]:,.0f} tok/s, "
-              f"bare {tokens / bare_times[-1]:,.0f} tok/s", file=sys.stderr, flush=True)
+        print(f"[speed] repeat {repeat + 1}/{args.repeats}: lightning "
+              f"{tokens / lightning_times[-1]:,.0f} tok/s, bare {tokens / bare_times[-1]:,.0f} tok/s",
+              file=sys.stderr, flush=True)
     lightning_best, bare_best = min(lightning_times), min(bare_times)
     device = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"model {args.model}  batch {args.batch} x {args.seq} tokens  {args.steps} timed steps "
           f"(+{args.warmup} warm-up)  best of {args.repeats}  {device}")
-    print(f"lightning CausalLMModule : {tokens / lightning_best:12,.0f} tokens/s  ({1000 * lightning_best:8.1f} ms/step)")
-    print(f"bare PyTorch loop        : {tokens / bare_best:12,.0f} tokens/s  ({1000 * bare_best:8.1f} ms/step)")
+    print(f"lightning CausalLMModule : {tokens / lightning_best:12,.0f} tokens/s  "
+          f"({1000 * lightning_best:8.1f} ms/step)")
+    print(f"bare PyTorch loop        : {tokens / bare_best:12,.0f} tokens/s  "
+          f"({1000 * bare_best:8.1f} ms/step)")
     print(f"ratio lightning / bare   : {bare_best / lightning_best:.3f}  (target >= 0.95)")
     return 0
 

@@ -1,6 +1,7 @@
 """Step cost of methods on one identical batch: trainable parameters, saved activations, step time.
 
-    python -m zoo.harness.step_cost configs/bench/prompt_gsm/prompt_tuning.yaml configs/bench/prompt_gsm/dept.yaml
+    python -m zoo.harness.step_cost configs/bench/prompt_gsm/prompt_tuning.yaml
+    configs/bench/prompt_gsm/dept.yaml
     python -m zoo.harness.step_cost configs/sft.yaml configs/lora.yaml --model tiny-llama --batch 2 --seq 64
 
 Each config's model is built through the same LightningCLI path as ``zoo fit`` (its data block is
@@ -42,8 +43,10 @@ def step_loss(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return module.compute_loss(batch, outputs, module.token_weights(batch, outputs))
 
 
-def saved_tensor_bytes(parameters: Iterable[torch.Tensor], run: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
-    """(bytes of the distinct non-parameter storages autograd saves while ``run()`` builds its graph, its result)."""
+def saved_tensor_bytes(parameters: Iterable[torch.Tensor],
+                       run: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """(bytes of the distinct non-parameter storages autograd saves while ``run()`` builds its graph, its
+    result)."""
     storages: dict[int, int] = {}
     weights = {p.untyped_storage().data_ptr() for p in parameters}
 
@@ -102,7 +105,8 @@ def measure(module, batch: dict[str, torch.Tensor], repeats: int) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zoo.harness.step_cost", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zoo.harness.step_cost",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help="method configs (YAML)")
     parser.add_argument("--model", default=None, help="override every config's backbone")
     parser.add_argument("--batch", type=int, default=4)
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise ZooError(f"config file(s) not found: {', '.join(missing)}")
     torch.manual_seed(0)
-    lines = [f"Step cost on one batch of {args.batch} x {args.seq} real tokens (best of {args.repeats} steps)", "",
+    lines = [f"Step cost on one batch of {args.batch} x {args.seq} real tokens (best of {args.repeats} "
+             "steps)", "",
              "| config | trainable | sequence seen | saved MiB | step s |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for config in args.configs:

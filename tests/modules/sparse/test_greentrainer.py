@@ -45,7 +45,8 @@ def test_dp_matches_brute_force_on_random_instances():
         t_dy = [rng.randint(0, 6) for _ in range(n)]
         budget = rng.randint(0, 40)
         best = max(sum(i for i, m in zip(imp, mask) if m)
-                   for mask in itertools.product([0, 1], repeat=n) if backward_cost(mask, t_dw, t_dy) <= budget)
+                   for mask in itertools.product([0, 1], repeat=n)
+                   if backward_cost(mask, t_dw, t_dy) <= budget)
         mask = select_tensors(imp, t_dw, t_dy, budget)
         assert backward_cost(mask, t_dw, t_dy) <= budget
         assert sum(i for i, m in zip(imp, mask) if m) == pytest.approx(best, abs=1e-9)
@@ -76,7 +77,8 @@ def test_probe_has_no_side_effects(tiny_module, tiny_data, fit_tiny):
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
-    weights, opt_state, sched_state = snapshot(module), copy.deepcopy(optimizer.state_dict()), scheduler.state_dict()
+    weights, opt_state = snapshot(module), copy.deepcopy(optimizer.state_dict())
+    sched_state = scheduler.state_dict()
     flags = {n: p.requires_grad for n, p in module.named_parameters()}
     importance = tensor_importance(module, batch, [n for n, _ in module.named_parameters()], lr=1e-3)
     assert max(abs(v) for v in importance) == pytest.approx(1.0)
@@ -174,7 +176,8 @@ class _LrRecorder(L.Callback):
         self.steps.append((trainer.global_step, lrs))
 
 
-def test_reselection_with_llrd_changes_group_count_and_continues_the_schedule(tiny_module, tiny_data, fit_tiny):
+def test_reselection_with_llrd_changes_group_count_and_continues_the_schedule(tiny_module, tiny_data,
+                                                                              fit_tiny):
     from zoo.modules.sparse.stability import FinetuneStabilizer, llrd_lr
 
     class VaryingBudget(GreenTrainerCallback):  # a different budget per epoch: the selected depths change

@@ -102,7 +102,8 @@ def _run(tmp_path, tiny_module, tiny_data, ckpt_path=None, checkpoint=None):
 
 def test_resume_mid_run_equals_uninterrupted(tmp_path, tiny_module, tiny_data):
     full, full_cb, _ = _run(tmp_path / "a", tiny_module, tiny_data,
-                            checkpoint=ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1))
+                            checkpoint=ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1,
+                                                       every_n_epochs=1))
     first = sorted((tmp_path / "ck").glob("epoch=1*.ckpt"))[0]
     resumed, resumed_cb, _ = _run(tmp_path / "b", tiny_module, tiny_data, ckpt_path=str(first))
     assert full_cb.stage == resumed_cb.stage == 2
@@ -123,7 +124,8 @@ def test_select_embeddings_treats_tied_matrix_as_one_unit():
 
 def _facts(n: int, seed: int, vocab: int = 200) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randint(0, vocab, (n, 3), generator=g), torch.randint(0, vocab, (n, 1), generator=g)], 1)
+    return torch.cat([torch.randint(0, vocab, (n, 3), generator=g),
+                      torch.randint(0, vocab, (n, 1), generator=g)], 1)
 
 
 def _train(model, data, steps, params, lr=3e-3):

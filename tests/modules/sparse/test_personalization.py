@@ -40,10 +40,12 @@ def test_policy_name_sets_and_one_step_invariant(policy, tiny_module, tiny_data,
 
 @pytest.mark.parametrize("peft_config,expected", [
     ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 20}, 20 * 64),          # n·d
-    ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 10}, 2 * 2 * 10 * 32),  # L·2·n·d_kv (GQA: 2 kv heads)
+    # L·2·n·d_kv (GQA: 2 kv heads)
+    ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 10}, 2 * 2 * 10 * 32),
     ({"peft_type": "IA3"}, 2 * (32 + 32 + 128)),  # one vector per k, v (out 32) and down_proj (in 128)
 ])
-def test_peft_study_trainable_counts_and_frozen_backbone(peft_config, expected, tiny_module, tiny_data, fit_tiny):
+def test_peft_study_trainable_counts_and_frozen_backbone(peft_config, expected, tiny_module, tiny_data,
+                                                         fit_tiny):
     module = tiny_module(cls=PeftModule, peft_config=peft_config, lr=1e-2)
     backbone_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     assert sum(p.numel() for p in module.trainable_parameters().values()) == expected

@@ -1,5 +1,7 @@
-"""Mid-run re-selection under 2-process DDP, through the real CLI: every rank trains the same selection, the run
-finishes, the ranks end with identical weights, and what is frozen in the last stage sits bitwise at its anchor.
+"""Mid-run re-selection under 2-process DDP, through the real CLI: every rank trains the same selection, the
+run
+finishes, the ranks end with identical weights, and what is frozen in the last stage sits bitwise at its
+anchor.
 
 The runs carry :class:`SelectionRecorder` (test-only, added by ``class_path``), which writes, per rank,
 the selection after every step (``probe/steps.rank<r>.jsonl``) and the weights at fit start, at the start
@@ -25,7 +27,8 @@ REPO = Path(__file__).resolve().parents[3]
 RECORDER = "tests.modules.sparse.test_reselection_multiproc.SelectionRecorder"
 
 
-# ---------------------------------------------------------------------------- the recorder (runs inside the ranks)
+# ---------------------------------------------------------------------------- the recorder (runs inside the
+# ranks)
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha1()
     for name in sorted(tensors):
@@ -39,10 +42,12 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class SelectionRecorder(Callback):
-    """Per rank: the trainable set / masks after each step and the weights at fit start, last-stage start, end."""
+    """Per rank: the trainable set / masks after each step and the weights at fit start, last-stage start,
+    end."""
 
     def __init__(self) -> None:
-        self.previous: dict[str, torch.Tensor] = {}  # weights after the previous step (= when a new stage starts)
+        # weights after the previous step (= when a new stage starts)
+        self.previous: dict[str, torch.Tensor] = {}
         self.stage_start: dict[str, torch.Tensor] = {}
         self.key = None
 
@@ -64,7 +69,8 @@ class SelectionRecorder(Callback):
                 record.update(keep=_digest(cb.keep))
         return record
 
-    def on_fit_start(self, trainer, pl_module) -> None:  # after DDP wrapped the model and broadcast rank 0's weights
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # after DDP wrapped the model and broadcast rank 0's weights
         self.previous = self.stage_start = _weights(pl_module)
         torch.save(self.previous, self._path(trainer, "initial.pt"))
 
@@ -95,9 +101,11 @@ class SelectionRecorder(Callback):
 
 # ---------------------------------------------------------------------------- running and reading
 DATA = ["--model.init_args.model", "tiny-llama", "--data.class_path", "zoo.datamodules.SFTDataModule",
-        "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
-        "--data.init_args.num_test", "4", "--data.init_args.max_length", "128", "--data.init_args.batch_size", "3"]
-TRAINER = ["--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+        "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "16",
+        "--data.init_args.num_val", "4", "--data.init_args.num_test", "4",
+        "--data.init_args.max_length", "128", "--data.init_args.batch_size", "3"]
+TRAINER = ["--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
+           "--trainer.limit_val_batches", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
            "--trainer.enable_checkpointing", "false", f"--trainer.callbacks+={RECORDER}"]
 
@@ -105,11 +113,13 @@ TRAINER = ["--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1", "
 def run_ddp(config: str, tmp_path: Path, *args: str, find_unused: bool = False) -> Path:
     """``python -m zoo fit`` with ``config`` on 2 CPU processes; returns the run directory.
 
-    ``args`` come before the recorder is appended, so ``--trainer.callbacks.init_args.*`` reach the method's callback."""
+    ``args`` come before the recorder is appended, so ``--trainer.callbacks.init_args.*`` reach the method's
+    callback."""
     run = tmp_path / "run"
     strategy = ["--trainer.strategy", "ddp_find_unused_parameters_true"] if find_unused else []
     env = {k: v for k, v in os.environ.items() if k not in ("ZOO_RUN_DIR", "TRITON_INTERPRET")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "zoo", "fit", "--config", str(REPO / config),
                "--config", str(REPO / "configs/strategies/ddp.yaml"), *strategy, *DATA, *args, *TRAINER,
@@ -188,7 +198,8 @@ def assert_ranks_end_equal(run: Path) -> dict:
 # ---------------------------------------------------------------------------- the tests
 @pytest.mark.multiproc
 def test_hft_epoch_reselection_same_half_on_both_ranks(tmp_path):
-    # 11 training rows / 2 ranks / batch 3 = 2 steps per epoch: 5 steps span epochs 0, 1, 2 = HFT stages 0, 1, 2
+    # 11 training rows / 2 ranks / batch 3 = 2 steps per epoch: 5 steps span epochs 0, 1, 2 = HFT stages 0, 1,
+    # 2
     run = run_ddp("configs/hft.yaml", tmp_path, "--trainer.max_steps", "5",
                   "--trainer.callbacks.init_args.reselect", "epoch", find_unused=True)
     records = check_ranks_agree(run, 5)
@@ -200,11 +211,13 @@ def test_hft_epoch_reselection_same_half_on_both_ranks(tmp_path):
 
 @pytest.mark.multiproc
 def test_greentrainer_reselection_same_tensors_on_both_ranks(tmp_path):
-    # interval 1: a selection on the first batch of every epoch (2 steps each), probed on each rank's own batch.
+    # interval 1: a selection on the first batch of every epoch (2 steps each), probed on each rank's own
+    # batch.
     # At rho 0.95 the tiny model's choice depends on the batch (different tensors on different batches), so
     # without the broadcast from rank 0 the ranks disagree from step 1.
     run = run_ddp("configs/greentrainer.yaml", tmp_path, "--trainer.max_steps", "5",
-                  "--trainer.callbacks.init_args.interval", "1", "--trainer.callbacks.init_args.units", "1000",
+                  "--trainer.callbacks.init_args.interval", "1",
+                  "--trainer.callbacks.init_args.units", "1000",
                   "--trainer.callbacks.init_args.rho", "0.95", find_unused=True)
     records = check_ranks_agree(run, 5)
     assert [r["stage"] for r in records] == [1, 1, 2, 2, 3]
@@ -216,8 +229,10 @@ def test_greentrainer_reselection_same_tensors_on_both_ranks(tmp_path):
 @pytest.mark.multiproc
 def test_lt_sft_mask_from_synchronised_weights_same_on_both_ranks(tmp_path):
     run = run_ddp("configs/lt_sft.yaml", tmp_path, "--trainer.max_steps", "4",
-                  "--trainer.callbacks.init_args.dense_steps", "2", "--trainer.callbacks.init_args.proportion", "0.05",
-                  "--model.init_args.weight_decay", "0.1")  # decay would move masked-out entries if not restored
+                  "--trainer.callbacks.init_args.dense_steps", "2",
+                  "--trainer.callbacks.init_args.proportion", "0.05",
+                  # weight decay would move masked-out entries if they were not restored
+                  "--model.init_args.weight_decay", "0.1")
     records = check_ranks_agree(run, 4)
     assert [r["stage"] for r in records] == [0, 0, 1, 1]
     assert records[1]["masks"] != records[2]["masks"]  # the ticket was drawn mid-run
@@ -240,7 +255,8 @@ def test_lt_sft_mask_from_synchronised_weights_same_on_both_ranks(tmp_path):
 @pytest.mark.multiproc
 def test_dsee_pruning_same_masks_on_both_ranks(tmp_path):
     run = run_ddp("configs/dsee.yaml", tmp_path, "--trainer.max_steps", "4",
-                  "--trainer.callbacks.init_args.prune_step", "2", "--model.init_args.adapter.init_args.rank", "4",
+                  "--trainer.callbacks.init_args.prune_step", "2",
+                  "--model.init_args.adapter.init_args.rank", "4",
                   "--model.init_args.adapter.init_args.num_sparse", "8",
                   "--model.init_args.adapter.init_args.outer_rounds", "2", "--model.init_args.lr", "1.0e-2")
     records = check_ranks_agree(run, 4)

@@ -51,7 +51,8 @@ def test_tied_embedding_is_one_group_at_depth_zero(tiny_module):
 def test_freeze_bottom_grad_none_and_bitwise_unchanged(tiny_module, tiny_data, fit_tiny):
     module = tiny_module(weight_decay=0.1, lr=1e-2)
     before = snapshot(module)
-    trainer = fit_tiny(module, tiny_data(), callbacks=[FinetuneStabilizer(freeze_bottom=1, layer_lr_decay=0.8)],
+    trainer = fit_tiny(module, tiny_data(),
+                       callbacks=[FinetuneStabilizer(freeze_bottom=1, layer_lr_decay=0.8)],
                        max_steps=3)
     frozen = layer_parameter_names(module)[0] | {"model.model.embed_tokens.weight"}
     in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
@@ -83,7 +84,8 @@ def test_stability_report_hand_values():
     report = stability_report(records, "acc", fail_threshold=0.2)
     sft = report["sft"]
     assert sft["n"] == 3 and math.isclose(sft["mean"], 1.3 / 3) and sft["failed"] == 1
-    assert math.isclose(sft["std"], math.sqrt(((0.5 - 1.3 / 3) ** 2 + (0.7 - 1.3 / 3) ** 2 + (0.1 - 1.3 / 3) ** 2) / 2))
+    assert math.isclose(sft["std"],
+                        math.sqrt(((0.5 - 1.3 / 3) ** 2 + (0.7 - 1.3 / 3) ** 2 + (0.1 - 1.3 / 3) ** 2) / 2))
     assert report["llrd"] == {"n": 1, "mean": 0.4, "std": 0.0, "min": 0.4, "max": 0.4, "failed": 0}
     assert stability_report(records, "acc", 0.6, higher_is_better=False)["sft"]["failed"] == 1
 

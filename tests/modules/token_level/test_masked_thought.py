@@ -59,7 +59,8 @@ def test_labels_prompt_and_padding_never_change_over_1000_batches():
     generator = torch.Generator().manual_seed(0)
     for mode in ("random_token", "mask_token"):
         for positions in ("response", "reasoning"):
-            callback = MaskedThoughtCallback(max_rate=0.7, warmup_ratio=0.0, corruption=mode, positions=positions)
+            callback = MaskedThoughtCallback(max_rate=0.7, warmup_ratio=0.0, corruption=mode,
+                                             positions=positions)
             callback.id_range, callback.mask_id = (0, 256), 258
             for step in range(250):
                 batch = _padded_batch(generator)
@@ -67,7 +68,8 @@ def test_labels_prompt_and_padding_never_change_over_1000_batches():
                 callback.on_train_batch_start(_fake_trainer(step), _Recorder(), batch, step)
                 assert torch.equal(batch["labels"], original["labels"])
                 assert torch.equal(batch["segments"], original["segments"])
-                frozen = (original["segments"] <= 1) | (positions == "reasoning") & (original["segments"] == 3)
+                frozen = ((original["segments"] <= 1)
+                          | (positions == "reasoning") & (original["segments"] == 3))
                 assert torch.equal(batch["input_ids"][frozen], original["input_ids"][frozen])
                 assert torch.equal(batch["clean_input_ids"], original["input_ids"])
 
@@ -118,9 +120,9 @@ def test_resume_restores_the_rate(tiny_module, tiny_data, fit_tiny, tmp_path):
     assert [r for _, r in full.seen] == [0.0, 0.1, 0.2, 0.30000000000000004]
     resumed = _RateLog(**options)
     checkpoint = next(p for p in (tmp_path / "ckpt").iterdir() if "step=2" in p.name)
-    trainer = L.Trainer(callbacks=[resumed], max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(callbacks=[resumed], max_steps=4, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(tiny_module(), datamodule=tiny_data(), ckpt_path=str(checkpoint))
     assert resumed.seen == full.seen[2:]
 
@@ -180,7 +182,8 @@ def test_validation_batches_are_never_corrupted(tiny_module, tiny_data, fit_tiny
 
 def test_drop_attention_hides_exactly_the_corrupted_positions():
     generator = torch.Generator().manual_seed(3)
-    callback = MaskedThoughtCallback(max_rate=0.5, warmup_ratio=0.0, corruption="mask_token", drop_attention=True)
+    callback = MaskedThoughtCallback(max_rate=0.5, warmup_ratio=0.0, corruption="mask_token",
+                                     drop_attention=True)
     callback.mask_id = 258
     batch = _padded_batch(generator, batch=8, width=32)
     attention = batch["attention_mask"].clone()

@@ -42,7 +42,8 @@ def test_only_misconception_and_calibration_clusters_survive():
         return (torch.full((16,), ppl, dtype=torch.float64) + torch.rand(16, generator=generator) * 0.1,
                 torch.full((16,), ent, dtype=torch.float64) + torch.rand(16, generator=generator) * 0.1)
 
-    # A: high PPL/high Ent (noise), B: high/low (misconception), C: low/low (redundant), D: low/high (calibration)
+    # A: high PPL/high Ent (noise), B: high/low (misconception), C: low/low (redundant), D: low/high
+    # (calibration)
     clusters = [cluster(50.0, 4.0), cluster(50.0, 0.5), cluster(2.0, 0.5), cluster(2.0, 4.0)]
     ppl = torch.cat([c[0] for c in clusters])
     ent = torch.cat([c[1] for c in clusters])
@@ -98,7 +99,8 @@ def test_per_sample_budget_keeps_ceil_ratio_lowest_tokens_in_each_q2_sample():
     for row in (0, 2, 3):
         n = int(response[row].sum())
         assert int(weights[row].sum()) == math.ceil(0.6 * n - 1e-9)
-        kept_scores, cut_scores = scores[row][weights[row] == 1], scores[row][response[row] & (weights[row] == 0)]
+        kept_scores = scores[row][weights[row] == 1]
+        cut_scores = scores[row][response[row] & (weights[row] == 0)]
         assert kept_scores.max() <= cut_scores.min()
     assert (weights[1] == response[1].float()).all()
 

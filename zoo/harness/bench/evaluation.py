@@ -114,7 +114,8 @@ def checkpoint_backbone(export: Path, run_config: dict[str, Any] | None, model_o
     manifest = read_manifest(export) or {}
     if model_override:
         return model_override
-    if manifest.get("weights") in ("full", "merged") or (not manifest and not (export / "adapter_config.json").exists()):
+    bare_hf = not manifest and not (export / "adapter_config.json").exists()
+    if manifest.get("weights") in ("full", "merged") or bare_hf:
         return str(export)
     base = manifest.get("init_args", {}).get("model") or (run_config or {}).get("model", {}).get(
         "init_args", {}).get("model")
