@@ -20,6 +20,7 @@ __all__ = ["EXTRA_COMMANDS", "FinalCheckpoint", "PredictionsWriter", "ZooCLI", "
 EXTRA_COMMANDS = {
     "list": "Print the registered methods (name, kind, spec, config, paper).",
     "bench": "Train configs on one budget, evaluate them and the base model, write results.{jsonl,md,png}.",
+    "analyze": "Analysis tools (TuCo, conjugate prompting, ...) on base and tuned models; --help lists them.",
 }
 
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             from zoo.harness.bench import main as bench_main
 
             return bench_main(argv[1:])
+        if argv and argv[0] == "analyze":
+            from zoo.harness.analyze import main as analyze_main
+
+            return analyze_main(argv[1:])
         preset_run_dir = os.environ.get(runner.RUN_DIR_ENV)  # set by a DDP launcher (child rank) or the user
         try:
             lightning_main(None if argv == sys.argv[1:] else argv)
