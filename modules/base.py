@@ -20,6 +20,15 @@ Reduction (``reduction``)
     sequences. ``"sum"``: the plain weighted sum. Under DDP each rank reduces its own micro-batch
     and gradients are averaged, as in any Lightning run.
 
+Auxiliary losses
+    Every Trainer callback with an ``auxiliary_loss(module, batch, outputs) -> (name, Tensor)``
+    method (the :class:`AuxiliaryLoss` protocol) adds a scalar term to the objective:
+    ``loss = compute_loss(...) + sum_i weight_i * term_i``, with ``weight_i`` the callback's
+    ``weight`` attribute (λ, default 1). Each raw term is logged as ``train/aux/<name>``. With no
+    such callback ``training_step`` returns ``compute_loss`` unchanged (no extra op). Found the
+    same way as token selectors, so any objective gets them; subclasses keep overriding only
+    ``compute_loss``.
+
 Batch transforms
     Callbacks may rewrite the batch in ``on_train_batch_start`` by assigning into the batch dict
     (e.g. ``batch["input_ids"] = corrupted``). Contract: ``labels`` and ``segments`` stay the
@@ -61,6 +70,17 @@ class TokenSelector(Protocol):
     """A callback that weights or selects the tokens that train (shape (B, T), target-aligned)."""
 
     def select(self, module: CausalLMModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor: ...
+
+
+@runtime_checkable
+class AuxiliaryLoss(Protocol):
+    """A callback adding ``weight * term`` to the objective; ``name`` keys its log ``train/aux/<name>``.
+
+    The term is a scalar with gradient; ``weight`` (float attribute, default 1) is its λ.
+    """
+
+    def auxiliary_loss(self, module: CausalLMModule, batch: dict[str, Tensor],
+                       outputs: StepOutputs) -> tuple[str, Tensor]: ...
 
 
 def shift_for_prediction(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -243,11 +263,30 @@ class CausalLMModule(L.LightningModule):
                 weights = weights * selected.to(weights.dtype)
         return weights
 
+    def auxiliary_terms(self, batch: dict[str, Tensor],
+                        outputs: StepOutputs) -> list[tuple[str, float, Tensor]]:
+        """``(name, weight, term)`` of every active :class:`AuxiliaryLoss` callback (empty when none)."""
+        terms: list[tuple[str, float, Tensor]] = []
+        trainer = self._trainer
+        for callback in trainer.callbacks if trainer is not None else []:
+            if isinstance(callback, AuxiliaryLoss):
+                name, term = callback.auxiliary_loss(self, batch, outputs)
+                if term.dim() != 0:
+                    raise ValueError(f"{type(callback).__name__}.auxiliary_loss returned shape "
+                                     f"{tuple(term.shape)}, expected a scalar")
+                if any(name == other for other, _, _ in terms):
+                    name = f"{name}_{len(terms)}"
+                terms.append((name, float(getattr(callback, "weight", 1.0)), term))
+        return terms
+
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self(batch)
         weights = self.token_weights(batch, outputs)
         loss = self.compute_loss(batch, outputs, weights)
+        aux = self.auxiliary_terms(batch, outputs)
+        for _, weight, term in aux:
+            loss = loss + weight * term.to(loss.dtype)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower the learning "
@@ -257,6 +296,7 @@ class CausalLMModule(L.LightningModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
         metrics = {"train/loss": loss.detach(), "train/kept_fraction": (weights != 0).sum() / supervised,
                    "train/lr": lr}
+        metrics.update({f"train/aux/{name}": term.detach() for name, _, term in aux})
         if self._tokens_per_s is not None:  # throughput of the previous step (forward + backward + update)
             metrics["train/tokens_per_s"] = self._tokens_per_s
         self.log_dict(metrics, prog_bar=True)  # one call: each costs a sync of Lightning's result collection
