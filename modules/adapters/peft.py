@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.decoding import Prefill, position_ids_from_mask
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_range
 from zoo.modules.adapters.base import Adapter
 
 DEFAULT_LORA = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
@@ -32,6 +32,9 @@ def build_peft_config(config: dict[str, Any]) -> Any:
     if "peft_type" not in config:
         raise ConfigError("peft_config needs a peft_type (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, ...)")
     config["peft_type"] = str(config["peft_type"]).upper()
+    if config["peft_type"] == "LORA":
+        check_range("LoRA r", config.get("r", 8), 1, hint="the rank of the update: e.g. 8 or 16")
+        check_range("LoRA lora_dropout", config.get("lora_dropout", 0.0), 0.0, 1.0, high_open=True)
     try:
         return get_peft_config(config)
     except (TypeError, ValueError) as err:

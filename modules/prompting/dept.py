@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo import backbone
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_range
 from zoo.modules.prompting.soft_prompt import PromptInit, SoftPromptAdapter
 from zoo.registry import register
 
@@ -60,6 +60,8 @@ class LowRankEmbeddingOffset(nn.Module):
 
 class DePT(SoftPromptAdapter):
     """Decomposed prompt tuning: short prompt (the module's lr) + low-rank input-embedding offset (lowrank_lr)."""
+
+    min_virtual_tokens = 0  # the offset trains on its own (the paper's m = 0 ablation)
 
     def __init__(
         self,
@@ -98,6 +100,9 @@ class DePT(SoftPromptAdapter):
     def build_prompt(self, model: nn.Module) -> None:
         super().build_prompt(model)
         args = self._dept_args
+        hidden = backbone.hidden_size(model)
+        check_range(f"{type(self).__name__} rank", args["rank"], 1, hidden,
+                    f"a rank above the hidden size {hidden} adds nothing (paper r = 30 at d = 768+)")
         with torch.random.fork_rng():
             torch.manual_seed(self._prompt_args["init_seed"] + 1)
             self.offset = LowRankEmbeddingOffset(args["max_seq_length"], args["rank"], backbone.hidden_size(model),

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from zoo import backbone
 from zoo.datamodules.sft import SEGMENT_PROMPT
 from zoo.decoding import Prefill, position_ids_from_mask
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_range
 from zoo.modules.adapters.base import Adapter
 
 PromptInit = Literal["vocab", "random"]
@@ -138,6 +138,9 @@ PROMPT_FILE = "prompt.pt"
 class SoftPromptAdapter(Adapter):
     """A frozen causal LM steered by soft prompts: ``num_virtual_tokens`` shallow or deep (prefix) tokens."""
 
+    #: the shortest prompt: with no virtual tokens nothing would train (DePT, whose offset trains, allows 0)
+    min_virtual_tokens = 1
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -155,8 +158,9 @@ class SoftPromptAdapter(Adapter):
             init_prompt: a ``prompt.pt`` (from an export) to start from: prompt transfer (PoT).
         """
         super().__init__()
-        if num_virtual_tokens < 0:
-            raise ConfigError(f"num_virtual_tokens must be >= 0, got {num_virtual_tokens}")
+        check_range(f"{type(self).__name__} num_virtual_tokens", num_virtual_tokens, self.min_virtual_tokens,
+                    hint="the prompt is what trains: use e.g. 20 (prompt tuning) or 60 (DePT)"
+                    if self.min_virtual_tokens else "")
         if prompt_init not in ("vocab", "random"):
             raise ConfigError(f"prompt_init must be 'vocab' or 'random', got {prompt_init!r}")
         self._prompt_args = dict(num_virtual_tokens=num_virtual_tokens, deep=deep, prompt_init=prompt_init,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zoo import backbone
+from zoo.errors import check_range
 from zoo.modules.sparse.param_mask import ParameterMaskCallback, Selection, rebuild_optimizer
 from zoo.registry import register_method
 
@@ -149,6 +150,8 @@ class HalfFineTuningCallback(ParameterMaskCallback):
             select_embeddings: include input embeddings / LM head in the draw (tied ones as one unit).
         """
         super().__init__()
+        check_range("HalfFineTuningCallback ratio", ratio, 0.0, 1.0,
+                    "the fraction of block units trained (paper 0.5)", low_open=True)
         self.ratio, self.seed, self.first_stage = ratio, seed, stage
         self.reselect, self.select_embeddings = reselect, select_embeddings
 

@@ -43,6 +43,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from zoo.datamodules.sft import SEGMENT_REASONING
+from zoo.errors import check_range
 from zoo.kernels.selected_ce import IGNORE_INDEX
 from zoo.registry import register_method
 
@@ -158,8 +159,8 @@ class MaskedThoughtCallback(Callback):
             seed: seed of the corruption draws (combined with step, batch index and rank).
         """
         super().__init__()
-        if not 0.0 <= max_rate <= 1.0:
-            raise ValueError(f"max_rate must be in [0, 1], got {max_rate}")
+        check_range("MaskedThoughtCallback max_rate", max_rate, 0.0, 1.0, "the paper uses 0.4 (GSM8K) or 0.2")
+        check_range("MaskedThoughtCallback warmup_ratio", warmup_ratio, 0.0, 1.0, "the paper uses 0.66")
         self.max_rate, self.warmup_ratio = max_rate, warmup_ratio
         self.corruption, self.positions = corruption, positions
         self.random_low, self.random_high = random_low, random_high

@@ -59,6 +59,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from zoo.errors import check_range
 from zoo.modules.base import StepOutputs, target_mask
 from zoo.registry import register
 
@@ -243,8 +244,10 @@ class QTuningCallback(Callback):
                 scoring pass, then train on the kept samples only: the compute-saving mode).
         """
         super().__init__()
-        if not 0.0 < sample_ratio <= 1.0 or not 0.0 < token_ratio <= 1.0:
-            raise ValueError("sample_ratio and token_ratio must be in (0, 1]")
+        check_range("QTuningCallback sample_ratio", sample_ratio, 0.0, 1.0, "the paper's main budget is 0.25",
+                    low_open=True)
+        check_range("QTuningCallback token_ratio", token_ratio, 0.0, 1.0, "the paper uses 0.7 or 0.5",
+                    low_open=True)
         self.sample_ratio, self.token_ratio = sample_ratio, token_ratio
         self.neighbor_weight, self.neighbor_mean = neighbor_weight, neighbor_mean
         self.token_budget, self.keep, self.entropy_positions = token_budget, keep, entropy_positions

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from zoo import backbone
 from zoo.datamodules.sft import SEGMENT_PROMPT
+from zoo.errors import check_range
 from zoo.modules.base import StepOutputs, target_mask
 from zoo.registry import register
 
@@ -166,10 +167,9 @@ class SSTokenSelectCallback(Callback):
                 as 0).
         """
         super().__init__()
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        check_range("SSTokenSelectCallback keep_ratio", keep_ratio, 0.0, 1.0, "the paper uses 0.6",
+                    low_open=True)
+        check_range("SSTokenSelectCallback gamma", gamma, 0.0, 1.0, "the paper uses 0.5")
         self.keep_ratio, self.gamma, self.history = keep_ratio, gamma, history
         self.ema_decay, self.probe_layer = ema_decay, probe_layer
         self.attention_only_steps = attention_only_steps
