@@ -118,16 +118,20 @@ class EpochShuffleSampler(RandomSampler):
 
 class EpochShuffleIterator:
     """One epoch of an :class:`EpochShuffleSampler`, with its position as state (torchdata's ``Stateful``):
-    a resumed ``StatefulDataLoader`` restores the epoch's order and skips what was already served."""
+    a resumed ``StatefulDataLoader`` restores the epoch's order and skips what was already served.
+
+    The order is drawn at the first ``next``, not at construction: a resumed loader may build its iterator
+    before Lightning sets the new epoch. A restored position inside an epoch keeps that epoch; one saved at an
+    epoch's end starts the sampler's current epoch from its beginning."""
 
     def __init__(self, sampler: EpochShuffleSampler, epoch: int) -> None:
         self.sampler = sampler
-        self.load_state_dict({"epoch": epoch, "yielded": 0})
+        self.epoch, self.yielded, self.order = epoch, 0, None
+        self.restored = False
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
-        generator = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
-        self.order = torch.randperm(len(self.sampler.data_source), generator=generator).tolist()
+        self.epoch, self.yielded, self.order = int(state["epoch"]), int(state["yielded"]), None
+        self.restored = True
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "yielded": self.yielded}
@@ -136,6 +140,12 @@ class EpochShuffleIterator:
         return self
 
     def __next__(self) -> int:
+        if self.order is None:
+            size = len(self.sampler.data_source)
+            if not self.restored or self.yielded >= size:
+                self.epoch, self.yielded = self.sampler.epoch, 0
+            generator = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
+            self.order = torch.randperm(size, generator=generator).tolist()
         if self.yielded >= len(self.order):
             raise StopIteration
         self.yielded += 1
