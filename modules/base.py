@@ -279,6 +279,12 @@ class CausalLMModule(L.LightningModule):
                 terms.append((name, float(getattr(callback, "weight", 1.0)), term))
         return terms
 
+    def add_auxiliary_module(self, name: str, module: nn.Module) -> None:
+        """Attach a trainable module owned by an auxiliary loss (e.g. a projector): it trains, checkpoints,
+        moves and casts with this module but is left out of :meth:`export` (discarded at inference)."""
+        self.add_module(name, module)
+        self._auxiliary_modules = {*getattr(self, "_auxiliary_modules", ()), name}
+
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self(batch)
@@ -511,6 +517,8 @@ class CausalLMModule(L.LightningModule):
         state = self.state_dict()
         keep = {k for k in trainable if not (covered and k.startswith(covered))}
         keep |= {k for k, _ in self.named_buffers() if not k.startswith("model.") and k in state}
+        auxiliary = tuple(f"{name}." for name in getattr(self, "_auxiliary_modules", ()))
+        keep = {k for k in keep if not k.startswith(auxiliary)} if auxiliary else keep
         return {k: state[k].detach().cpu().contiguous() for k in sorted(keep) if k in state}
 
     def export_init_args(self, merged: bool = False) -> dict[str, Any]:

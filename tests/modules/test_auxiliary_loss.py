@@ -88,3 +88,15 @@ def test_two_aux_callbacks_with_one_name_are_logged_apart(tiny_module, make_batc
     loss, _, logged = step(module, batch, [SquaredEmbedding(0.5), SquaredEmbedding(2.0)])
     assert torch.allclose(loss, reference + 2.5 * term, atol=1e-6)
     assert {k for k in logged if k.startswith("train/aux/")} == {"train/aux/emb_sq", "train/aux/emb_sq_1"}
+
+
+def test_auxiliary_module_trains_but_is_not_exported(tiny_module):
+    module = tiny_module()
+    module.add_auxiliary_module("aux_head", torch.nn.Linear(64, 3))
+    names = module.trainable_state_names()
+    assert {"aux_head.weight", "aux_head.bias"} <= names
+    assert "aux_head.weight" in module.state_dict()  # checkpoints hold it
+    for kind in ("full", "none"):
+        extra = module.export_extra_state(kind)
+        assert not any(k.startswith("aux_head.") for k in extra), kind
+    assert any(k.startswith("model.") for k in module.export_extra_state("none"))  # the rest still exported
