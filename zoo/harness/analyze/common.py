@@ -166,6 +166,11 @@ class ModelPair:
         yield self._tuned
 
     @property
+    def separate_base(self) -> CausalLMModule | None:
+        """The base module when it is a second model, None when it is the tuned one with tuning off."""
+        return self._base
+
+    @property
     def module(self) -> CausalLMModule:
         """The tuned module (the one holding the backbone when ``shared``)."""
         return self._tuned
