@@ -237,14 +237,14 @@ def evaluate_base_model(model_name: str = backbone.SMOLLM2, num_test: int = 20, 
     """Greedy HumanEval pass@1 of a backbone on the first ``num_test`` problems (batched, left-padded)."""
     import time
 
-    from zoo.harness.generation import generate
+    from zoo.decoding import generate
 
     model, tokenizer = backbone.load(model_name)
     model.eval()
     records = humaneval_problems(num_test)
     started = time.perf_counter()
     completions = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
+                           batch_size=batch_size)  # greedy, the zoo's one decoder
     generation_s = time.perf_counter() - started
     results = run_many([build_program(r, c) for r, c in zip(records, completions)], workers=2, timeout=10)
     summary = {"model": model_name, "problems": len(records), "max_new_tokens": max_new_tokens,
