@@ -13,17 +13,32 @@ Other sources (a local file or hub id, as in :class:`SFTDataModule`) work too: t
 Harness metrics (``evaluation_metrics``): ``accuracy`` and ``macro_f1`` (torchmetrics) of the first
 word of each completion against the label; completions that are no label word count as wrong
 (an extra "other" class that is excluded from the macro average).
+
+Few-shot classification (issue 14)
+    Built-in tasks of :mod:`zoo.datamodules.fewshot_tasks` (``sentiment_hard``, ``science_topics``,
+    ``sectors``; the last is multi-label). ``sampling`` picks the k-shot training set
+    (:func:`sample_few_shot`:
+    ``first`` k per class (the old behaviour), ``equal`` k per class at random, ``stratified`` k*C keeping
+    the label proportions, ``random`` k*C uniformly); ``val_shots_per_class`` draws the validation set from
+    the rest of the training pool (disjoint from train), ``num_unlabeled`` keeps that many further pool texts
+    as an ``unlabeled`` split (labels removed; :meth:`ClassificationDataModule.unlabeled_dataloader`).
+    Every record has ``text`` (the input alone) and its rendered ``prompt``; :meth:`prompt_for` renders any
+    text with the task's pattern (content-free inputs for calibration: :meth:`content_free_prompts`).
+    Batches carry ``class_index`` (B,) (-1: a label outside ``labels``, ignored by the classification loss)
+    and, for multi-label data, ``targets`` (B, C) multi-hot; :meth:`pos_weight` gives BCE's per-class
+    ``(N - n_c) / n_c`` over the training split.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from zoo.datamodules.sft import DataError, SFTDataModule
+from zoo.datamodules import fewshot_tasks
+from zoo.datamodules.sft import DataError, SFTDataModule, collate
 
 TOPIC_WORDS: dict[str, list[str]] = {
     "sports": ["the striker", "a goalkeeper", "the referee", "the marathon", "a tennis match", "the league",
@@ -59,7 +74,7 @@ def topic_records(labels: list[str], size: int, seed: int) -> list[dict[str, Any
         a, b = rng.sample(TOPIC_WORDS[label], 2)
         text = rng.choice(TEMPLATES).format(a=a, b=b, A=a[0].upper() + a[1:])
         prompt = INSTRUCTION.format(labels=", ".join(labels), text=text)
-        records.append({"prompt": prompt, "response": label, "answer": label, "label": label})
+        records.append({"text": text, "prompt": prompt, "response": label, "answer": label, "label": label})
     return records
 
 
@@ -85,16 +100,26 @@ def classification_metrics(predictions: list[str], targets: list[str], labels: l
 
 
 class ClassificationDataModule(SFTDataModule):
-    """Classification as generation: the prompt holds the text, the response is one label word."""
+    """Classification as generation: the prompt holds the text, the response is one label word (or, for
+    multi-label data, the present labels joined by ", ")."""
 
     def __init__(self, dataset: str = "topics", labels: list[str] | None = None,
-                 shots_per_class: int | None = None, num_train: int = 400, num_val: int = 32,
-                 num_test: int = 64, max_length: int = 128, **kwargs: Any) -> None:
+                 shots_per_class: int | None = None,
+                 sampling: Literal["first", "equal", "stratified", "random"] = "first",
+                 val_shots_per_class: int | None = None, num_unlabeled: int = 0, num_train: int = 400,
+                 num_val: int = 32, num_test: int = 64, max_length: int = 128, **kwargs: Any) -> None:
         """
         Args:
-            dataset: ``topics`` (built-in, offline) or any SFTDataModule source with the label in ``answer``.
-            labels: the label words; default for ``topics``: sports, food, weather, music.
-            shots_per_class: few-shot mode: keep only k training examples per class (None: all).
+            dataset: ``topics``, a few-shot task (``sentiment_hard``, ``science_topics``, ``sectors``), or any
+                SFTDataModule source with the label in ``answer``.
+            labels: the label words; default for ``topics``: sports, food, weather, music; for the few-shot
+                tasks: all of the task's labels.
+            shots_per_class: few-shot mode: k training examples per class (None: all).
+            sampling: how the k-shot set is drawn: ``first`` k per class in order, ``equal`` k per class at
+                random, ``stratified`` k*C with the pool's label proportions, ``random`` k*C uniformly.
+            val_shots_per_class: draw the validation set (k per class, same ``sampling``) from the training
+                pool left after the k-shot draw instead of the separate val split.
+            num_unlabeled: further pool texts kept, without labels, as the ``unlabeled`` split.
             num_train: training examples generated (before few-shot selection).
             num_val: validation examples.
             num_test: test examples for the harness.
@@ -108,41 +133,233 @@ class ClassificationDataModule(SFTDataModule):
             unknown = [label for label in labels if label not in TOPIC_WORDS]
             if unknown:
                 raise DataError(f"topics has no label(s) {unknown}; choose from {sorted(TOPIC_WORDS)}")
+        elif fewshot_tasks.is_fewshot_task(dataset):
+            known = fewshot_tasks.task_labels(dataset)
+            labels = list(labels or known)
+            unknown = [label for label in labels if label not in known]
+            if unknown:
+                raise DataError(f"{dataset} has no label(s) {unknown}; choose from {known}")
+        if shots_per_class is not None and shots_per_class < 1:
+            raise DataError(f"shots_per_class must be >= 1 (got {shots_per_class}); use null for all")
         self.labels = list(labels) if labels else None
+        self.multi_label = (fewshot_tasks.is_fewshot_task(dataset)
+                            and fewshot_tasks.task_is_multi_label(dataset))
+
+    # ------------------------------------------------------------------ patterns
+    def prompt_for(self, text: str) -> str:
+        """The task's pattern applied to ``text`` (the prompt before chat rendering)."""
+        dataset = self.hparams.dataset
+        if dataset == "topics":
+            return INSTRUCTION.format(labels=", ".join(self.labels), text=text)
+        if fewshot_tasks.is_fewshot_task(dataset):
+            words = ", ".join(label_text(label) for label in self.labels)
+            return fewshot_tasks.INSTRUCTIONS[dataset].format(labels=words, text=text)
+        return text  # external data: the prompt field is the input itself
+
+    def content_free_prompts(self) -> list[str]:
+        """Prompts with content-free inputs (Zhao et al. 2021: "N/A", "", "[MASK]") for calibration."""
+        return [self.prompt_for(text) for text in CONTENT_FREE]
+
+    def _record(self, source: dict[str, Any]) -> dict[str, Any]:
+        text = source["text"]
+        if "labels" in source:
+            present = [label for label in self.labels if label in source["labels"]]
+            response = ", ".join(label_text(label) for label in present) or "none"
+            return {"text": text, "prompt": self.prompt_for(text), "response": response, "answer": response,
+                    "label": present[0] if present else "", "labels": present}
+        return {"text": text, "prompt": self.prompt_for(text), "response": label_text(source["label"]),
+                "answer": label_text(source["label"]), "label": source["label"]}
 
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
         hp = self.hparams
+        sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
         if hp.dataset == "topics":
-            sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
             records = {split: topic_records(self.labels, size, hp.seed * 1000 + SPLIT_SEED_OFFSET[split])
                        for split, size in sizes.items() if size > 0}
             held_out = {r["prompt"] for split in ("val", "test") for r in records.get(split, [])}
             records["train"] = [r for r in records.get("train", []) if r["prompt"] not in held_out]
+        elif fewshot_tasks.is_fewshot_task(hp.dataset):
+            raw = fewshot_tasks.fewshot_splits(hp.dataset, sizes, seed=hp.seed)
+            wanted = set(self.labels)
+            records = {}
+            for split, rows in raw.items():
+                if not self.multi_label:
+                    rows = [r for r in rows if r["label"] in wanted]
+                records[split] = [self._record(r) for r in rows]
         else:
             records = super().load_records()
             for rows in records.values():
                 for r in rows:
                     r["label"] = str(r.get("answer") or r["response"]).strip().lower()
+                    r.setdefault("text", r["prompt"])
             if self.labels is None:
                 self.labels = sorted({r["label"] for r in records["train"]})
+        return self._few_shot_splits(records)
+
+    def _few_shot_splits(self, records: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        hp = self.hparams
+        pool = records.get("train", [])
+        key = "labels" if self.multi_label else "label"
         if hp.shots_per_class is not None:
-            records["train"] = few_shot(records["train"], hp.shots_per_class)
+            chosen = sample_few_shot(pool, hp.shots_per_class, hp.sampling, seed=hp.seed, key=key)
+            taken = {id(r) for r in chosen}
+            pool = [r for r in pool if id(r) not in taken]
+            records["train"] = chosen
+        if hp.val_shots_per_class is not None:
+            records["val"] = sample_few_shot(pool, hp.val_shots_per_class, hp.sampling, seed=hp.seed + 1,
+                                             key=key)
+            taken = {id(r) for r in records["val"]}
+            pool = [r for r in pool if id(r) not in taken]
+        if hp.num_unlabeled > 0:
+            if hp.shots_per_class is None:
+                raise DataError("num_unlabeled needs shots_per_class (the unlabeled texts are the training "
+                                "pool left after the k-shot draw)")
+            records["unlabeled"] = [{"text": r["text"], "prompt": r["prompt"], "response": "", "answer": "",
+                                     "label": ""} for r in pool[: hp.num_unlabeled]]
         return records
 
+    # ------------------------------------------------------------------ batches
+    def encode_split(self, records: list[dict[str, Any]], split: str):
+        dataset = super().encode_split(records, split)
+        index = {label: i for i, label in enumerate(self.labels or [])}
+        for row in dataset.rows:
+            record = records[row["index"]]
+            row["class_index"] = index.get(record["label"], -1)
+            if self.multi_label:
+                row["targets"] = [float(label in record.get("labels", [])) for label in self.labels]
+        return dataset
+
+    def collate_function(self):
+        return collate_classification
+
+    def unlabeled_dataloader(self):
+        """The ``unlabeled`` split (``num_unlabeled`` texts, no labels: ``class_index`` -1), in order."""
+        self.setup("fit")
+        return self._loader("unlabeled", shuffle=False)
+
+    def pos_weight(self) -> list[float]:
+        """Per-class BCE ``pos_weight`` = (N - n_c) / n_c over the training split (1.0 where n_c is 0)."""
+        self.setup("fit")
+        train = self.records["train"]
+        weights = []
+        for label in self.labels:
+            positives = sum(label in (r.get("labels") or [r["label"]]) for r in train)
+            weights.append((len(train) - positives) / positives if positives else 1.0)
+        return weights
+
+    # ------------------------------------------------------------------ harness hooks
+    def predicted_labels(self, completion: str) -> list[str]:
+        """The labels a completion names: multi-label: every label word it contains; else the label whose
+        word starts it (the first word for ``topics`` and external data)."""
+        text = completion.strip().lower()
+        if self.multi_label:
+            return [label for label in self.labels if label_text(label) in text]
+        if fewshot_tasks.is_fewshot_task(self.hparams.dataset):
+            hits = [label for label in self.labels if text.startswith(label_text(label))]
+            return [max(hits, key=len)] if hits else []
+        return [first_word(completion)]
+
     def score_completion(self, record: dict[str, Any], completion: str) -> dict[str, float]:
-        return {"accuracy": float(first_word(completion) == record["label"])}
+        if self.multi_label:
+            predicted = sorted(self.predicted_labels(completion))
+            return {"exact_match": float(predicted == sorted(record["labels"]))}
+        predicted = self.predicted_labels(completion)
+        return {"accuracy": float(bool(predicted) and predicted[0] == record["label"])}
 
     def evaluation_metrics(self, records: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
-        return classification_metrics([first_word(c) for c in completions], [r["label"] for r in records],
-                                      self.labels or sorted({r["label"] for r in records}))
+        labels = self.labels or sorted({r["label"] for r in records})
+        if self.multi_label:
+            predicted = [self.predicted_labels(c) for c in completions]
+            return multilabel_metrics(predicted, [r["labels"] for r in records], labels)
+        predicted = [(self.predicted_labels(c) or [""])[0] for c in completions]
+        return classification_metrics(predicted, [r["label"] for r in records], labels)
 
 
-def few_shot(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+CONTENT_FREE = ["N/A", "", "[MASK]"]
+
+
+def label_text(label: str) -> str:
+    """A label's surface word(s): underscores become spaces (``particle_physics`` -> ``particle physics``)."""
+    return label.replace("_", " ")
+
+
+def collate_classification(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`zoo.datamodules.sft.collate` plus ``class_index`` (B,) and, for multi-label rows,
+    ``targets`` (B, C)."""
+    batch = collate(rows, pad_id)
+    batch["class_index"] = torch.tensor([r.get("class_index", -1) for r in rows], dtype=torch.long)
+    if rows and "targets" in rows[0]:
+        batch["targets"] = torch.tensor([r["targets"] for r in rows], dtype=torch.float32)
+    return batch
+
+
+def multilabel_metrics(predicted: list[list[str]], targets: list[list[str]],
+                       labels: list[str]) -> dict[str, float]:
+    """Micro- and macro-F1 and per-class F1 (``f1/<label>``) of label sets, with torchmetrics."""
+    from torchmetrics.functional.classification import multilabel_f1_score
+
+    if not targets:
+        return {"micro_f1": 0.0, "macro_f1": 0.0}
+    preds = torch.tensor([[int(label in p) for label in labels] for p in predicted])
+    target = torch.tensor([[int(label in t) for label in labels] for t in targets])
+    n = len(labels)
+    out = {"micro_f1": float(multilabel_f1_score(preds, target, num_labels=n, average="micro")),
+           "macro_f1": float(multilabel_f1_score(preds, target, num_labels=n, average="macro"))}
+    per_class = multilabel_f1_score(preds, target, num_labels=n, average="none")
+    out.update({f"f1/{label}": float(v) for label, v in zip(labels, per_class)})
+    return out
+
+
+def sample_few_shot(records: list[dict[str, Any]], k: int,
+                    mode: Literal["first", "equal", "stratified", "random"] = "equal", seed: int = 0,
+                    key: str = "label") -> list[dict[str, Any]]:
+    """A k-shot subset of ``records``, in the original order.
+
+    ``first``: the first k of every class; ``equal``: k of every class at random (an error names a class with
+    fewer than k); ``stratified``: k*C records, each class's share proportional to its share of ``records``
+    (largest remainders); ``random``: k*C records uniformly. C is the number of classes present. For
+    multi-label records (``key="labels"``) a record counts for its first label."""
+    def label_of(record: dict[str, Any]) -> str:
+        value = record[key]
+        return value[0] if isinstance(value, list) and value else str(value)
+
+    if mode == "first":
+        return few_shot(records, k, label_of)
+    rng = random.Random(f"fewshot:{seed}:{mode}:{k}")
+    by_class: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_class.setdefault(label_of(record), []).append(i)
+    total = k * len(by_class)
+    if mode == "equal":
+        short = {c: len(ix) for c, ix in by_class.items() if len(ix) < k}
+        if short:
+            raise DataError(f"equal sampling needs {k} examples of every class; too few of {short}: lower "
+                            "shots_per_class or raise num_train")
+        chosen = [i for c in sorted(by_class) for i in rng.sample(by_class[c], k)]
+    elif mode == "stratified":
+        shares = {c: total * len(ix) / len(records) for c, ix in by_class.items()}
+        counts = {c: min(int(s), len(by_class[c])) for c, s in shares.items()}
+        for c in sorted(shares, key=lambda c: shares[c] - int(shares[c]), reverse=True):
+            if sum(counts.values()) >= total:
+                break
+            if counts[c] < len(by_class[c]):
+                counts[c] += 1
+        chosen = [i for c in sorted(by_class) for i in rng.sample(by_class[c], counts[c])]
+    elif mode == "random":
+        chosen = rng.sample(range(len(records)), min(total, len(records)))
+    else:
+        raise DataError(f"unknown sampling {mode!r}; use first, equal, stratified or random")
+    return [records[i] for i in sorted(chosen)]
+
+
+def few_shot(records: list[dict[str, Any]], k: int, label_of=None) -> list[dict[str, Any]]:
     """The first ``k`` records of every class, in the original order."""
+    label_of = label_of or (lambda record: record["label"])
     counts: dict[str, int] = {}
     kept = []
     for record in records:
-        if counts.get(record["label"], 0) < k:
-            counts[record["label"]] = counts.get(record["label"], 0) + 1
+        label = label_of(record)
+        if counts.get(label, 0) < k:
+            counts[label] = counts.get(label, 0) + 1
             kept.append(record)
     return kept

@@ -1,0 +1,212 @@
+"""``Verbalizer``: label scores from a causal LM by teacher-forced log-probability of label words.
+
+The causal analogue of PET's cloze slots (Schick & Schütze 2021; spec 35 step 8): the pattern ends where the
+answer starts, and a label word ``w = (t_1, ..., t_m)`` scores ``log p(w | x) = Σ_i log p(t_i | x, t_<i)``.
+
+* several words per label with weights ``a_w`` (SciPrompt's weighted verbalizer, spec 25; KPT): the weights
+  are normalised per label and combined as ``logsumexp_w (log a_w + log p(w | x))``
+  (``aggregate="logsumexp"``,
+  the log of the weighted word-probability mixture) or ``Σ_w a_w log p(w | x)`` (``"mean"``); with one word
+  per label both equal the plain score;
+* ``max_tokens`` cuts multi-token words to m tokens (PET's m mask slots); ``length_norm`` divides by the
+  number of tokens;
+* contextual calibration (Zhao et al. 2021): ``prior`` (C,) is the mean label distribution on content-free
+  or unlabelled inputs (:meth:`Verbalizer.set_prior`), and calibrated scores are
+  ``log_softmax(s) - log prior`` (``q ∝ p / p_cf``); a uniform prior changes no probability;
+* ``head="reduced_vocab"`` (PETapter, spec 35 step 4): a fresh ``Linear(d, d) -> GELU -> LayerNorm ->
+  Linear(d, |T|)`` over the sub-vocabulary T of the label-word tokens replaces the LM head (log-softmax over
+  T,
+  randomly initialised as in the PETapter code).
+
+API (shapes: B prompts, W words, C labels):
+    ``Verbalizer(labels, words=None, aggregate="logsumexp", length_norm=False, max_tokens=None,
+    head="lm_head", prefix="")``; ``bind(tokenizer, hidden_size)`` tokenizes the words (and builds the
+    reduced head) -- it must run before scoring; ``word_logprobs(hidden_fn, lm_head, prompts, pad_id,
+    prompt_hidden=None) -> (B, W)``; ``label_scores(word_lp) -> (B, C)``; ``calibrate(scores) -> (B, C)``;
+    ``score(...) = label_scores(word_logprobs(...))``; ``set_prior(scores)`` from uncalibrated scores (N, C).
+    ``hidden_fn(batch) -> (B, T, H)`` takes ``{"input_ids", "attention_mask"}`` right-padded (a module's
+    ``forward_hidden``); ``lm_head = (weight, bias)``. ``prompt_hidden`` (B, H), the hidden state at each
+    prompt's last token, skips the extra forward when every word is one token.
+Left out: PET's MLM auxiliary loss and the bidirectional mask-slot scoring (no encoders here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.errors import ConfigError
+
+Words = dict[str, list[str] | dict[str, float]]
+Head = tuple[Tensor, Tensor | None]
+HiddenFn = Callable[[dict[str, Tensor]], Tensor]
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
+    """``{"input_ids", "attention_mask"}`` (B, T) right-padded to the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class Verbalizer(nn.Module):
+    """Label words -> label scores (see the module docstring)."""
+
+    def __init__(self, labels: list[str], words: Words | None = None,
+                 aggregate: Literal["logsumexp", "mean"] = "logsumexp", length_norm: bool = False,
+                 max_tokens: int | None = None, head: Literal["lm_head", "reduced_vocab"] = "lm_head",
+                 prefix: str = "") -> None:
+        """
+        Args:
+            labels: the class names, in class-index order.
+            words: per label, its words (a list: equal weights) or ``{word: weight}``; default: the label
+                itself (underscores as spaces).
+            aggregate: how a label's words combine: ``logsumexp`` (log of the weighted probability mixture)
+                or ``mean`` (weighted mean of word log-probabilities).
+            length_norm: divide each word's log-probability by its token count.
+            max_tokens: cut every word to its first m tokens (PET's m); None keeps all.
+            head: ``lm_head`` (the backbone's head, PET) or ``reduced_vocab`` (PETapter's new head over T).
+            prefix: text put before every word when tokenizing (" " for plain-text patterns).
+        """
+        super().__init__()
+        if not labels:
+            raise ConfigError("a Verbalizer needs at least one label")
+        words = dict(words or {})
+        unknown = sorted(set(words) - set(labels))
+        if unknown:
+            raise ConfigError(f"label_words names label(s) {unknown} that are not in labels {labels}")
+        self.labels = list(labels)
+        self.words: dict[str, dict[str, float]] = {}
+        for label in self.labels:
+            entry = words.get(label) or [label.replace("_", " ")]
+            weights = dict(entry) if isinstance(entry, dict) else {w: 1.0 for w in entry}
+            if any(v <= 0 for v in weights.values()):
+                raise ConfigError(f"label_words weights of {label!r} must be positive, got {weights}")
+            total = sum(weights.values())
+            self.words[label] = {w: v / total for w, v in weights.items()}
+        self.aggregate, self.length_norm, self.max_tokens = aggregate, length_norm, max_tokens
+        self.head_kind, self.prefix = head, prefix
+        self.word_ids: list[list[int]] = []
+        self.word_label: list[int] = []
+        self.register_buffer("word_weight", torch.zeros(0), persistent=False)
+        self.register_buffer("prior", torch.full((len(self.labels),), 1.0 / len(self.labels)))
+        self.reduced_head: nn.Module | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(ids) == 1 for ids in self.word_ids)
+
+    def bind(self, tokenizer, hidden_size: int | None = None) -> Verbalizer:
+        """Tokenize the words; with ``head="reduced_vocab"`` build the head over their tokens (needs
+        ``hidden_size``)."""
+        self.word_ids, self.word_label, weights = [], [], []
+        for c, label in enumerate(self.labels):
+            for word, weight in self.words[label].items():
+                ids = list(tokenizer(self.prefix + word, add_special_tokens=False)["input_ids"])
+                if self.max_tokens is not None:
+                    ids = ids[: self.max_tokens]
+                if not ids:
+                    raise ConfigError(f"label word {word!r} of {label!r} tokenizes to nothing")
+                self.word_ids.append(ids)
+                self.word_label.append(c)
+                weights.append(weight)
+        self.word_weight = torch.tensor(weights, dtype=self.prior.dtype, device=self.prior.device)
+        if self.head_kind == "reduced_vocab":
+            if hidden_size is None:
+                raise ConfigError("head: reduced_vocab needs the backbone's hidden size")
+            vocab = sorted({t for ids in self.word_ids for t in ids})
+            self.register_buffer("vocab", torch.tensor(vocab, dtype=torch.long), persistent=False)
+            self.reduced_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
+                                              nn.LayerNorm(hidden_size), nn.Linear(hidden_size, len(vocab)))
+        elif self.head_kind != "lm_head":
+            raise ConfigError(f"unknown verbalizer head {self.head_kind!r}; use lm_head or reduced_vocab")
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def token_logprobs(self, hidden: Tensor, targets: Tensor, lm_head: Head) -> Tensor:
+        """log p(target | hidden) for (N, H) hidden states and (N,) token ids -> (N,)."""
+        if self.reduced_head is not None:
+            logits = self.reduced_head(hidden)
+            targets = torch.searchsorted(self.vocab, targets)
+        else:
+            logits = F.linear(hidden, *lm_head)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+    def word_logprobs(self, hidden_fn: HiddenFn, lm_head: Head,
+                      prompts: list[list[int]], pad_id: int, prompt_hidden: Tensor | None = None) -> Tensor:
+        """Teacher-forced ``log p(word | prompt)`` (B, W) for every prompt and word (module docstring)."""
+        if not self.word_ids:
+            raise ConfigError("the Verbalizer is not bound to a tokenizer: call bind(tokenizer) first")
+        device = lm_head[0].device
+        num_words = len(self.word_ids)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        if self.single_token:
+            if prompt_hidden is None:
+                hidden = hidden_fn(right_pad(prompts, pad_id, device))
+                prompt_hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]
+            firsts = torch.tensor([ids[0] for ids in self.word_ids], device=device)
+            rows = prompt_hidden.repeat_interleave(num_words, 0)
+            token_lp = self.token_logprobs(rows, firsts.repeat(len(prompts)), lm_head)
+            return token_lp.view(len(prompts), num_words)
+        rows = [p + w for p in prompts for w in self.word_ids]
+        hidden = hidden_fn(right_pad(rows, pad_id, device))
+        row_index, positions, targets = [], [], []
+        for r, (p, w) in enumerate((p, w) for p in prompts for w in self.word_ids):
+            for j, token in enumerate(w):  # position len(p) - 1 + j predicts w[j]
+                row_index.append(r)
+                positions.append(len(p) - 1 + j)
+                targets.append(token)
+        row_t = torch.tensor(row_index, device=device)
+        token_lp = self.token_logprobs(hidden[row_t, torch.tensor(positions, device=device)],
+                                       torch.tensor(targets, device=device), lm_head)
+        summed = torch.zeros(len(rows), dtype=token_lp.dtype, device=device).index_add(0, row_t, token_lp)
+        if self.length_norm:
+            sizes = torch.tensor([len(w) for w in self.word_ids], dtype=summed.dtype, device=device)
+            summed = summed / sizes.repeat(len(prompts))
+        return summed.view(len(prompts), num_words)
+
+    def label_scores(self, word_lp: Tensor) -> Tensor:
+        """(B, W) word log-probabilities -> (B, C) label scores (weighted per label, ``aggregate``)."""
+        label = torch.tensor(self.word_label, device=word_lp.device)
+        weight = self.word_weight.to(word_lp.dtype)
+        columns = []
+        for c in range(self.num_labels):
+            idx = (label == c).nonzero().squeeze(-1)
+            if self.aggregate == "mean":
+                columns.append((word_lp[:, idx] * weight[idx]).sum(-1))
+            else:
+                columns.append((word_lp[:, idx] + weight[idx].log()).logsumexp(-1))
+        return torch.stack(columns, dim=-1)
+
+    def score(self, hidden_fn: HiddenFn, lm_head: Head,
+              prompts: list[list[int]], pad_id: int, prompt_hidden: Tensor | None = None) -> Tensor:
+        """Uncalibrated label scores (B, C)."""
+        return self.label_scores(self.word_logprobs(hidden_fn, lm_head, prompts, pad_id, prompt_hidden))
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, scores: Tensor) -> Tensor:
+        """Contextual calibration: ``log_softmax(scores) - log prior`` (B, C)."""
+        return scores.log_softmax(-1) - self.prior.to(scores.dtype).log()
+
+    @torch.no_grad()
+    def set_prior(self, scores: Tensor) -> None:
+        """Set ``prior`` to the mean label distribution of (N, C) uncalibrated scores (content-free
+        inputs)."""
+        self.prior.copy_(scores.detach().softmax(-1).mean(0).to(self.prior.dtype))
+
+    def reset_prior(self) -> None:
+        with torch.no_grad():
+            self.prior.fill_(1.0 / self.num_labels)

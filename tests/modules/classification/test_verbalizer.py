@@ -1,0 +1,138 @@
+"""Verbalizer, ClassificationModule and BlackBoxClassifier invariants (issue 14 shared pieces)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.modules.classification import ClassificationModule, Verbalizer
+from zoo.modules.classification.blackbox import BlackBoxClassifier, LocalBlackBox
+from zoo.modules.classification.module import first_supervised, log_odds
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    return ClassificationModule(model="tiny-llama", labels=["yes", "no"], export=False).double()
+
+
+def hand_logprob(model, prompt: list[int], word: list[int]) -> float:
+    """Teacher-forced log p(word | prompt) from the full-sequence logits of the plain backbone."""
+    ids = torch.tensor([prompt + word])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    return sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(word))
+
+
+def test_multi_token_label_scores_equal_hand_teacher_forced_logprob(module):
+    tok = module.tokenizer
+    prompts = [tok("Is it good? ")["input_ids"], tok("A longer prompt here: ")["input_ids"]]
+    verbalizer = Verbalizer(["pos", "neg"], {"pos": ["great"], "neg": ["bad"]}).bind(tok).double()
+    assert not verbalizer.single_token
+    with torch.no_grad():
+        got = verbalizer.word_logprobs(module.forward_hidden, module.lm_head_weight(), prompts,
+                                       tok.pad_token_id)
+        for b, prompt in enumerate(prompts):
+            for w, word in enumerate(verbalizer.word_ids):
+                assert float(got[b, w]) == pytest.approx(hand_logprob(module.model, prompt, word), abs=1e-9)
+
+
+def test_single_token_fast_path_equals_hand_logprob(module):
+    tok = module.tokenizer
+    verbalizer = Verbalizer(["a", "b"]).bind(tok).double()  # byte tokenizer: one token each
+    assert verbalizer.single_token
+    prompts = [tok("xyz")["input_ids"], tok("hello there")["input_ids"]]
+    with torch.no_grad():
+        got = verbalizer.word_logprobs(module.forward_hidden, module.lm_head_weight(), prompts,
+                                       tok.pad_token_id)
+    for b, prompt in enumerate(prompts):
+        for w, word in enumerate(verbalizer.word_ids):
+            assert float(got[b, w]) == pytest.approx(hand_logprob(module.model, prompt, word), abs=1e-9)
+
+
+def test_weighted_verbalizer_with_one_word_per_label_equals_plain():
+    word_lp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -0.1, -2.2]], dtype=torch.float64)
+    plain = Verbalizer(["x", "y", "z"])
+    plain.word_label, plain.word_weight = [0, 1, 2], torch.ones(3, dtype=torch.float64)
+    for aggregate in ("logsumexp", "mean"):
+        words = {"x": {"x": 5.0}, "y": {"y": 0.2}, "z": ["z"]}
+        weighted = Verbalizer(["x", "y", "z"], words, aggregate=aggregate)
+        weighted.word_label = [0, 1, 2]
+        weighted.word_weight = torch.tensor([weighted.words[c][c] for c in "xyz"], dtype=torch.float64)
+        assert torch.equal(weighted.label_scores(word_lp), word_lp)
+        assert torch.equal(plain.label_scores(word_lp), word_lp)
+
+
+def test_two_weighted_words_mix_probabilities_by_hand():
+    verbalizer = Verbalizer(["x", "y"], {"x": {"good": 3.0, "fine": 1.0}, "y": ["bad"]})
+    verbalizer.word_label = [0, 0, 1]
+    verbalizer.word_weight = torch.tensor([0.75, 0.25, 1.0], dtype=torch.float64)
+    word_lp = torch.tensor([[math.log(0.2), math.log(0.4), math.log(0.1)]], dtype=torch.float64)
+    scores = verbalizer.label_scores(word_lp)
+    assert float(scores[0, 0]) == pytest.approx(math.log(0.75 * 0.2 + 0.25 * 0.4))
+    assert float(scores[0, 1]) == pytest.approx(math.log(0.1))
+    verbalizer.aggregate = "mean"
+    expected = 0.75 * math.log(0.2) + 0.25 * math.log(0.4)
+    assert float(verbalizer.label_scores(word_lp)[0, 0]) == pytest.approx(expected)
+
+
+def test_calibration_with_a_uniform_prior_changes_nothing_and_divides_by_the_prior():
+    verbalizer = Verbalizer(["a", "b", "c"]).double()
+    scores = torch.tensor([[-1.0, -2.0, -4.0], [-0.3, -0.2, -5.0]], dtype=torch.float64)
+    assert torch.allclose(verbalizer.calibrate(scores).softmax(-1), scores.softmax(-1))
+    # prior 0.2, 0.6, 0.2
+    verbalizer.set_prior(torch.tensor([[0.0, math.log(3.0), 0.0]], dtype=torch.float64))
+    assert torch.allclose(verbalizer.prior, torch.tensor([0.2, 0.6, 0.2], dtype=torch.float64))
+    p = scores.softmax(-1)
+    expected = (p / verbalizer.prior) / (p / verbalizer.prior).sum(-1, keepdim=True)
+    assert torch.allclose(verbalizer.calibrate(scores).softmax(-1), expected)
+
+
+def test_classification_loss_is_ce_over_hand_label_scores(module):
+    tok = module.tokenizer
+    prompts = [tok("ab")["input_ids"], tok("cdef")["input_ids"]]
+    rows = [p + tok("yes")["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    batch = {"input_ids": torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows]),
+             "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+             "class_index": torch.tensor([0, 1])}
+    batch["labels"] = torch.tensor([[-100] * len(p) + r[len(p):] + [-100] * (width - len(r))
+                                    for p, r in zip(prompts, rows)])
+    assert first_supervised(batch["labels"]).tolist() == [len(p) for p in prompts]
+    with torch.no_grad():
+        loss = module.compute_loss(batch, module(batch), None)
+    hand = torch.tensor([[hand_logprob(module.model, p, tok(w)["input_ids"]) for w in ("yes", "no")]
+                         for p in prompts], dtype=torch.float64)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(hand, torch.tensor([0, 1]))), abs=1e-9)
+
+
+def test_multi_label_logits_are_log_odds_of_the_word_probability():
+    p = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    assert torch.allclose(log_odds(p.log()), torch.log(p / (1 - p)))
+
+
+def test_black_box_never_builds_a_graph_and_restores_the_mode():
+    from zoo import backbone
+
+    model, tok = backbone.load("tiny-llama")
+    model.train()
+    seen: list[bool] = []
+    box = LocalBlackBox(model, labels=["yes", "no"], tokenizer=tok)
+    inner = box.hidden_fn
+
+    def spy(batch):
+        seen.append(torch.is_grad_enabled())
+        seen.append(model.training)
+        return inner(batch)
+
+    box.hidden_fn = spy
+    out = box.label_logprobs(["Is this fine?", "No way", "x"])
+    assert isinstance(box, BlackBoxClassifier)
+    assert out.shape == (3, 2) and not out.requires_grad and out.grad_fn is None
+    assert torch.allclose(out.exp().sum(-1), torch.ones(3))
+    assert seen and not any(seen)  # grad disabled and eval mode inside every forward
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert box.queries == 3
