@@ -8,9 +8,9 @@ For each method in :func:`zoo.registry.methods`, on the tiny backbone, through t
 ``trainable``  the optimizer holds exactly ``trainable_parameters()`` and every other tensor is bitwise
                unchanged by training;
 ``decoding``   greedy decoding with the KV cache equals decoding without it (the module's adapter hooks);
-``ckpt``       ``zoo bench --ckpt RUN`` rebuilds the run's own class from its export and reports the
-               response NLL of the in-process evaluation of that run (2e-4), which differs from the
-               untuned base's;
+``ckpt``       ``zoo bench --ckpt RUN`` on the same 2-step run rebuilds the run's own class from its export
+               and reports the response NLL of the in-process evaluation of that run (2e-4; the run is
+               float64, the reload float32) and its trainable count; the NLL differs from the untuned base's;
 ``resume``     (methods with state outside the weights, and SFT as the control) a run stopped inside an
                epoch and resumed from the checkpoint taken then ends bitwise equal to an uninterrupted run
                (the training loaders are resumable: torchdata's StatefulDataLoader).
@@ -117,6 +117,8 @@ def fitted(tmp_path_factory):
             cli = build(name, root, steps=2, extra=("--trainer.precision", "64-true"))
             before = {k: v.detach().clone() for k, v in cli.model.state_dict(keep_vars=True).items()}
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            # the run's config.yaml, as `zoo fit` saves it
+            (root / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
             cache[name] = (cli, before)
         return cache[name]
 
@@ -200,29 +202,24 @@ def base_nll(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", _names())
-def test_bench_ckpt_rebuilds_the_run_and_reproduces_its_evaluation(name, tmp_path, monkeypatch, base_nll):
+def test_bench_ckpt_rebuilds_the_run_and_reproduces_its_evaluation(name, tmp_path, monkeypatch, fitted,
+                                                                   base_nll):
     with contract_row(name, "ckpt"):
         from zoo.harness.bench import main as bench
+        from zoo.harness.generation import response_nll
 
+        cli, _ = fitted(name)
+        run = Path(cli.trainer.default_root_dir)
+        assert (run / "export" / "zoo.json").exists(), "the fit wrote no export"
+        live = response_nll(cli.model, cli.datamodule, "test")["nll"]
         monkeypatch.chdir(tmp_path)
-        monkeypatch.delenv("ZOO_RUN_DIR", raising=False)
-        data = data_args(name)
-        overrides = ["--", *data, "--trainer.enable_progress_bar", "false",
-                     "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
-                     "--trainer.num_sanity_val_steps", "0"]
-        config = str(registry.get(name).config_path)
-        assert bench([config, "--max_steps", "2", "--limit", "0", "--no-base", "--model", "tiny-llama",
-                      "--out", "out", *overrides]) == 0
-        trained = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-        run = next(r for r in trained if r["kind"] == "train")
-        assert bench(["--ckpt", run["run_dir"], "--limit", "0", "--out", "ckpt",
-                      *(["--", *data] if data else [])]) == 0
+        assert bench(["--ckpt", str(run), "--limit", "0", "--out", "ckpt"]) == 0  # data: the run's config
         ckpt = json.loads((tmp_path / "ckpt" / "results.jsonl").read_text().splitlines()[0])
-        assert ckpt["module"] == run.get("module", ckpt["module"])
-        assert ckpt["metrics"]["nll"] == pytest.approx(run["metrics"]["nll"], abs=2e-4)
-        assert ckpt["trainable_params"] == run["trainable_params"]
-        if data:  # the same test split as the base model's: the reload is not the untuned backbone
-            assert abs(ckpt["metrics"]["nll"] - base_nll(tuple(data))) > 1e-4
+        assert ckpt["module"] == type(cli.model).__name__
+        assert ckpt["metrics"]["nll"] == pytest.approx(live, abs=2e-4)  # float32 reload of a float64 run
+        assert ckpt["trainable_params"] == cli.model.trainable_count()
+        if data_args(name):  # the same test split as the base model's: the reload is not the untuned backbone
+            assert abs(ckpt["metrics"]["nll"] - base_nll(tuple(data_args(name)))) > 1e-4
 
 
 def _final_state(module) -> dict[str, torch.Tensor]:
