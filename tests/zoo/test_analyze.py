@@ -95,3 +95,60 @@ def test_tuco_full_finetune_defaults_to_its_recorded_backbone(full_export, tmp_p
     assert main(["tuco", *same, "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "tuco.json").read_text())
     assert all(p["tuco"] == 0.0 for p in record["prompts"])
+
+
+class EchoModule(torch.nn.Module):
+    """A stand-in model answering every prompt with ``answers[prompt]`` (for the probe's plumbing)."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = answers
+
+    def generate_text(self, prompts, max_new_tokens=256, system_prompt=None, batch_size=16, **sampling):
+        return [self.answers.get(p, "nothing") for p in prompts]
+
+
+def test_conjugate_probe_maps_answers_back_before_scoring():
+    import argparse
+
+    from zoo.datamodules.transforms import ICLvsIFData, make_transform
+    from zoo.harness.analyze.conjugate import score
+
+    data = ICLvsIFData(num_test=8)
+    records = data.eval_records()
+    args = argparse.Namespace(max_new_tokens=10, batch_size=4)
+    for spec in ("identity", "leetspeak", "piglatin"):
+        transform = make_transform(spec)
+        # a model that answers in the transformed space: correct once map_answer brings it back
+        fluent = EchoModule({transform.apply(r["prompt"]): " " + transform.apply_answer(r["answer"]) + " x"
+                             for r in records})
+        assert score(fluent, data, records, transform, args)[:2] == ("icl_match", 1.0)
+    # answering the instruction-following way (the arithmetic result) scores 0
+    literal = EchoModule({r["prompt"]: " 12" for r in records})
+    assert score(literal, data, records, make_transform("identity"), args)[1] == 0.0
+
+
+def test_conjugate_identity_reproduces_the_bench_harness(lora_export, tmp_path):
+    import argparse
+
+    from zoo.harness.bench.evaluation import build_datamodule, evaluate
+    from zoo.harness.load import load_run
+
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  class_path: zoo.datamodules.SFTDataModule\n  init_args: {dataset: chain_sum, "
+                      "num_train: 8, num_val: 2, num_test: 3, max_length: 128}\n")
+    assert main(["conjugate", "--tuned", str(lora_export), "--data-config", str(config), "--limit", "3",
+                 "--max-new-tokens", "6", "--transforms", "identity,piglatin", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "conjugate.json").read_text())
+    assert [t["transform"] for t in record["transforms"]] == ["identity", "piglatin"]
+    assert (tmp_path / "conjugate.png").exists()
+    module = load_run(lora_export)
+    datamodule, _ = build_datamodule(argparse.Namespace(data_config=str(config)), None, "tiny-llama", [])
+    completions = tmp_path / "bench.jsonl"
+    bench = evaluate(module, datamodule, argparse.Namespace(limit=3, max_new_tokens=6, batch_size=16),
+                     completions_path=completions)
+    identity = record["transforms"][0]
+    assert identity["tuned"] == bench["metrics"]["exact_match"]
+    bench_outputs = [json.loads(line)["completion"] for line in completions.read_text().splitlines()]
+    assert [e["tuned"] for e in identity["examples"]] == bench_outputs[:3]
+    assert any(e["tuned"] != e["base"] for e in identity["examples"])  # the adapter was on, then off
