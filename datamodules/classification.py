@@ -24,8 +24,9 @@ Few-shot classification (issue 14)
     as an ``unlabeled`` split (labels removed; :meth:`ClassificationDataModule.unlabeled_dataloader`).
     Every record has ``text`` (the input alone) and its rendered ``prompt``; :meth:`prompt_for` renders any
     text with the task's pattern (content-free inputs for calibration: :meth:`content_free_prompts`).
-    Batches carry ``class_index`` (B,) (-1: a label outside ``labels``, ignored by the classification loss)
-    and, for multi-label data, ``targets`` (B, C) multi-hot; :meth:`pos_weight` gives BCE's per-class
+    Batches carry ``class_index`` (B,) (-1: a label outside ``labels``, ignored by the classification loss),
+    ``text`` and ``prompt_text`` (lists of strings: the input alone and with the task's pattern) and, for
+    multi-label data, ``targets`` (B, C) multi-hot; :meth:`pos_weight` gives BCE's per-class
     ``(N - n_c) / n_c`` over the training split.
 """
 
@@ -225,6 +226,7 @@ class ClassificationDataModule(SFTDataModule):
         for row in dataset.rows:
             record = records[row["index"]]
             row["class_index"] = index.get(record["label"], -1)
+            row["text"], row["prompt_text"] = record.get("text", record["prompt"]), record["prompt"]
             if self.multi_label:
                 row["targets"] = [float(label in record.get("labels", [])) for label in self.labels]
         return dataset
@@ -284,10 +286,12 @@ def label_text(label: str) -> str:
 
 
 def collate_classification(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """:func:`zoo.datamodules.sft.collate` plus ``class_index`` (B,) and, for multi-label rows,
-    ``targets`` (B, C)."""
+    """:func:`zoo.datamodules.sft.collate` plus ``class_index`` (B,), the raw ``text`` and the pattern-applied
+    ``prompt_text`` (lists of B strings) and, for multi-label rows, ``targets`` (B, C)."""
     batch = collate(rows, pad_id)
     batch["class_index"] = torch.tensor([r.get("class_index", -1) for r in rows], dtype=torch.long)
+    batch["text"] = [r.get("text", "") for r in rows]
+    batch["prompt_text"] = [r.get("prompt_text", "") for r in rows]
     if rows and "targets" in rows[0]:
         batch["targets"] = torch.tensor([r["targets"] for r in rows], dtype=torch.float32)
     return batch
