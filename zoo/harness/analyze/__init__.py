@@ -45,6 +45,8 @@ TOOLS: dict[str, tuple[str, str]] = {
                   "Conjugate prompting: a task under prompt transforms, base vs tuned gap (spec 17)."),
     "urial-shift": ("zoo.harness.analyze.urial_shift",
                     "Token distribution shift: rank of the tuned model's tokens under the base (spec 31)."),
+    "rag": ("zoo.harness.rag.tool",
+            "RAG evaluation: models in one frozen retrieval pipeline, paired CIs (spec 29)."),
 }
 
 DESCRIPTION = "Analysis tools. Each prints a table and writes OUT/<tool>.png and OUT/<tool>.json."
