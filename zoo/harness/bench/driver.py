@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from zoo.harness.bench.evaluation import evaluate, evaluate_base, evaluate_checkpoint
+from zoo.harness.bench.items import items_name
 from zoo.harness.bench.memory import StepTimer, peak_rss_mb, reset_peak_rss
 from zoo.harness.bench.records import (
     BenchError,
@@ -158,7 +159,8 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
     wall = time.perf_counter() - started
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     log(f"{position} {method} seed {seed}: trained in {wall:.1f} s, evaluating ...")
-    result = evaluate(module, cli.datamodule, args, run_dir / "completions.jsonl")
+    result = evaluate(module, cli.datamodule, args, run_dir / "completions.jsonl",
+                      out / "items" / items_name(record))
     trainable, total = count_parameters(module)
     record.update(backbone=backbone_of(module), module=type(module).__name__,
                   dataset=data_block(cli).get("init_args", {}).get("dataset"), run_dir=str(run_dir), **result,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from zoo.harness.bench.items import items_name, response_nll_items, write_items
 from zoo.harness.bench.memory import peak_rss_mb, reset_peak_rss
 from zoo.harness.bench.records import (
     BenchError,
@@ -30,24 +31,26 @@ from zoo.harness.bench.records import (
     log,
     record_key,
 )
-from zoo.harness.generation import generate_for_module, response_nll
+from zoo.harness.generation import generate_for_module
 
 
 def evaluate(module, datamodule, args: argparse.Namespace,
-             completions_path: Path | None = None) -> dict[str, Any]:
-    """Generation metrics on the first ``limit`` test records, plus the test split's response NLL."""
+             completions_path: Path | None = None, items_path: Path | None = None) -> dict[str, Any]:
+    """Generation metrics on the first ``limit`` test records, plus the test split's response NLL;
+    ``items_path``: where the per-item records go (:mod:`zoo.harness.bench.items`; the result's ``items``
+    names it as ``items/<file>``)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     module.to(device)
     started = time.perf_counter()
-    records = datamodule.eval_records("test")
-    records = records[: args.limit] if args.limit is not None else records
+    all_records = datamodule.eval_records("test")
+    records = all_records[: args.limit] if args.limit is not None else all_records
     completions = generate_for_module(module, [r["prompt"] for r in records],
                                       max_new_tokens=args.max_new_tokens,
                                       system_prompt=datamodule.hparams.get("system_prompt"),
                                       batch_size=args.batch_size)
     metrics = dict(datamodule.evaluation_metrics(records, completions)) if records else {}
     main_metric = next(iter(metrics), None)
-    nll = response_nll(module, datamodule, "test")
+    nll = response_nll_items(module, datamodule, "test")  # the split NLL and its per-item sums, one pass
     metrics.update(nll=nll["nll"], ppl=nll["ppl"], nll_tokens=nll["tokens"])
     if hasattr(datamodule, "preference_metrics"):  # held-out pairs: reward and log-prob accuracy / margin
         metrics.update(datamodule.preference_metrics(module, split="test"))
@@ -58,8 +61,13 @@ def evaluate(module, datamodule, args: argparse.Namespace,
                 score = datamodule.score_completion(record, completion)
                 handle.write(json.dumps({"prompt": record["prompt"], "answer": record.get("answer"),
                                          "completion": completion, **score}, default=str) + "\n")
-    return {"metrics": metrics, "main_metric": main_metric, "eval_examples": len(records),
-            "eval_wall_s": time.perf_counter() - started}
+    result = {"metrics": metrics, "main_metric": main_metric, "eval_examples": len(records),
+              "eval_wall_s": time.perf_counter() - started}
+    if items_path is not None:  # per-item records (issue 13): id, prompt hash, completion, scores, NLL
+        scores = [datamodule.score_completion(r, c) for r, c in zip(records, completions)]
+        write_items(items_path, all_records, completions, scores, nll["per_item"])
+        result["items"] = f"items/{items_path.name}"
+    return result
 
 
 
@@ -77,7 +85,7 @@ def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: 
     reset_peak_rss()
     module = CausalLMModule(model=name, export=False)
     completions = out / "runs" / f"base-{record['config_hash']}" / "completions.jsonl"
-    result = evaluate(module, cli.datamodule, args, completions)
+    result = evaluate(module, cli.datamodule, args, completions, out / "items" / items_name(record))
     _, total = count_parameters(module)
     record.update(backbone=name, dataset=block.get("init_args", {}).get("dataset"), **result,
                   train_wall_s=0.0, tokens_per_s=None, peak_rss_mb=peak_rss_mb(), trainable_params=0,
@@ -192,7 +200,7 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, overrides: list[str
     reset_peak_rss()
     module = load_run(export, model=args.model)
     completions = out / "runs" / f"{name.replace(':', '-')}" / "completions.jsonl"
-    result = evaluate(module, datamodule, args, completions)
+    result = evaluate(module, datamodule, args, completions, out / "items" / items_name(record))
     trainable, total = count_parameters(module)
     record.update(backbone=backbone_name, module=type(module).__name__,
                   dataset=block.get("init_args", {}).get("dataset"), **result, train_wall_s=None,

@@ -1,0 +1,136 @@
+"""Paired comparisons of bench rows against a reference row (``zoo bench --reference NAME``), over items.
+
+Pure functions on numpy arrays; :func:`compare_rows` reads the per-item files
+(:mod:`zoo.harness.bench.items`) of a row's records and of the reference's and returns, per metric, the
+paired difference (row - reference) with a 95 % percentile-bootstrap interval and, for 0/1 scores, an exact
+sign test (McNemar's exact test for one seed).
+
+Pairing: items by ``id`` (only items both sides scored); seeds by value. A reference with one record
+(``base``, seed ``None``, or one seed) is paired with every seed of the row; otherwise the seeds both sides
+ran (when none match, the i-th smallest seed of each side). The bootstrap resamples seeds, then items (the
+same item draw for every drawn seed), so with several seeds the interval holds seed and item noise.
+"""
+
+from __future__ import annotations
+
+from math import comb
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["bootstrap_ci", "compare_rows", "paired_difference", "sign_test", "weighted_mean_difference"]
+
+
+def weighted_mean_difference(diff: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Point estimate of the paired difference.
+
+    ``diff``: (S, N) float, item ``i``'s summed difference under seed pairing ``s`` (for a 0/1 score: the
+    difference of the scores; for NLL: the difference of the summed NLL); ``weights``: (N,) item sizes
+    (response tokens for NLL), ``None`` = 1 each. Returns ``diff.sum() / (S * weights.sum())``: the
+    difference of token-mean NLL over the same items, or of the mean score.
+    """
+    diff = np.asarray(diff, dtype=np.float64)
+    w = np.ones(diff.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    return float(diff.sum() / (diff.shape[0] * w.sum()))
+
+
+def bootstrap_ci(diff: np.ndarray, weights: np.ndarray | None = None, resamples: int = 2000,
+                 confidence: float = 0.95, rng: np.random.Generator | int | None = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`weighted_mean_difference`, resampling seeds then items.
+
+    ``diff``: (S, N); ``weights``: (N,) or ``None``. Draw order (reproducible with the same generator): all
+    seed draws ``rng.integers(0, S, (resamples, S))``, then all item draws ``rng.integers(0, N, (resamples,
+    N))``; statistic ``b`` = ``diff[seeds_b][:, items_b].sum() / (S * weights[items_b].sum())``. Returns
+    (low, high): ``np.percentile`` of the statistics at ``(1 -+ confidence) / 2``.
+    """
+    diff = np.asarray(diff, dtype=np.float64)
+    if diff.ndim != 2 or diff.shape[1] == 0:
+        raise ValueError(f"diff must be (seeds, items) with at least one item, got shape {diff.shape}")
+    seeds, items = diff.shape
+    w = np.ones(items) if weights is None else np.asarray(weights, dtype=np.float64)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    seed_draws = rng.integers(0, seeds, (resamples, seeds))
+    item_draws = rng.integers(0, items, (resamples, items))
+    per_seed = diff[seed_draws].sum(axis=1)  # (B, N): the drawn seeds' rows summed
+    numerator = np.take_along_axis(per_seed, item_draws, axis=1).sum(axis=1)
+    stats = numerator / (seeds * w[item_draws].sum(axis=1))
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.percentile(stats, [100 * alpha, 100 * (1 - alpha)])
+    return float(low), float(high)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test p-value: ``wins`` items where the row beats the reference, ``losses`` where
+    it loses (ties left out). For 0/1 scores on one seed this is McNemar's exact test on the discordant
+    cells (b = wins, c = losses): ``min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c)))``; 1.0 when b + c = 0."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_difference(diff: np.ndarray, weights: np.ndarray | None = None, binary: bool = False,
+                      resamples: int = 2000, rng: np.random.Generator | int | None = 0) -> dict[str, Any]:
+    """Difference, 95 % bootstrap interval, ``n`` items / seeds, ``inconclusive`` (the interval holds 0) and,
+    for ``binary`` scores, the sign test on each item's seed-mean difference (``p``; McNemar exact for one
+    seed). ``diff``: (S, N); ``weights``: (N,) or ``None``."""
+    diff = np.asarray(diff, dtype=np.float64)
+    low, high = bootstrap_ci(diff, weights, resamples=resamples, rng=rng)
+    out = {"diff": weighted_mean_difference(diff, weights), "low": low, "high": high,
+           "items": int(diff.shape[1]), "seeds": int(diff.shape[0]), "inconclusive": bool(low <= 0.0 <= high)}
+    if binary:
+        item_mean = diff.mean(axis=0)
+        out["p"] = sign_test(int((item_mean > 0).sum()), int((item_mean < 0).sum()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- bench records
+def _seed_pairs(row: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    if len(reference) == 1:
+        return [(r, reference[0]) for r in row]
+    by_seed = {r.get("seed"): r for r in reference}
+    pairs = [(r, by_seed[r.get("seed")]) for r in row if r.get("seed") in by_seed]
+    if pairs:
+        return pairs
+    key = lambda r: (r.get("seed") is None, r.get("seed") or 0)  # noqa: E731
+    return list(zip(sorted(row, key=key), sorted(reference, key=key)))
+
+
+def _items(out: Path, record: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    from zoo.harness.bench.items import read_items
+
+    name = record.get("items")
+    return {line["id"]: line for line in read_items(out / name)} if name else {}
+
+
+def compare_rows(out: Path, row: list[dict[str, Any]], reference: list[dict[str, Any]], metric: str | None,
+                 resamples: int = 2000) -> dict[str, dict[str, Any]]:
+    """Paired differences of a row's records to the reference's records (lists of ``results.jsonl``
+    records), from their items files under ``out``: ``{metric: paired_difference(...), "nll": ...}``; a
+    metric is left out when no item carries it on both sides."""
+    pairs = [(_items(out, a), _items(out, b)) for a, b in _seed_pairs(row, reference)]
+    pairs = [(a, b) for a, b in pairs if a and b]
+    if not pairs:
+        return {}
+    result: dict[str, dict[str, Any]] = {}
+    if metric:
+        common = sorted(set.intersection(*[
+            {i for i in a if metric in a[i].get("scores", {}) and metric in b.get(i, {}).get("scores", {})}
+            for a, b in pairs]))
+        if common:
+            diff = np.array([[float(a[i]["scores"][metric]) - float(b[i]["scores"][metric]) for i in common]
+                            for a, b in pairs])
+            binary = all(float(a[i]["scores"][metric]) in (0.0, 1.0) and float(b[i]["scores"][metric]) in
+                         (0.0, 1.0) for a, b in pairs for i in common)
+            result[metric] = paired_difference(diff, binary=binary, resamples=resamples)
+    common = sorted(set.intersection(*[
+        {i for i in a if "nll_sum" in a[i] and "nll_sum" in b.get(i, {}) and a[i]["tokens"] == b[i]["tokens"]}
+        for a, b in pairs]))
+    common = [i for i in common if pairs[0][0][i]["tokens"] > 0]
+    if common:
+        diff = np.array([[a[i]["nll_sum"] - b[i]["nll_sum"] for i in common] for a, b in pairs])
+        weights = np.array([pairs[0][0][i]["tokens"] for i in common], dtype=np.float64)
+        result["nll"] = paired_difference(diff, weights, resamples=resamples)
+    return result
