@@ -36,6 +36,8 @@ from zoo.harness.bench.records import (
     record_key,
 )
 from zoo.harness.bench.report import markdown, write_report
+from zoo.harness.bench.rerun import add_arguments, resolved_config
+from zoo.harness.bench.rerun import main as rerun_main
 
 DESCRIPTION = "``zoo bench``: train configs on one budget, evaluate them and the untuned base model, report."
 
@@ -74,12 +76,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep Lightning checkpoints of bench runs (default: only the HF export is "
                              "written)")
+    add_arguments(parser)  # --reference, --rerun, --method (zoo.harness.bench.rerun)
     args = parser.parse_args(argv)
     try:
         args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError as err:
         raise BenchError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from err
-    if not args.configs and not args.ckpt:
+    if not args.configs and not args.ckpt and not args.rerun:
         raise BenchError("give at least one config (zoo bench configs/sft.yaml ...) or --ckpt RUN_DIR")
     return args, overrides
 
@@ -130,7 +133,7 @@ def drop_checkpointing(trainer) -> None:
 
 
 def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overrides: list[str], out: Path,
-                       done: set, results: Path, position: str) -> None:
+                       done: set, results: Path, position: str, extra: dict | None = None) -> None:
     method = method_name(config)
     record = {"method": method, "kind": "train", "config": str(config),
               "config_hash": config_hash(config, args, overrides), "seed": seed,
@@ -142,7 +145,11 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
     run_dir = out / "runs" / f"{method}-s{seed}-steps{steps}"
     if run_dir.exists():  # an interrupted run of this record: start it again
         shutil.rmtree(run_dir)
-    cli = build_cli(cli_args(config, seed, args, overrides), run_dir=run_dir)
+    argv = cli_args(config, seed, args, overrides)
+    cli = build_cli(argv, run_dir=run_dir)
+    # reproducible records (zoo.harness.bench.rerun): what --rerun rebuilds the run from
+    record.update(resolved_config=resolved_config(cli), cli_args=argv, overrides=list(overrides),
+                  **(extra or {}))
     if args.base:
         evaluate_base(cli, args, out, config, done, results)
     trainer, module = cli.trainer, cli.model
@@ -177,6 +184,8 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.rerun:  # rebuild rows from their stored resolved configs (zoo.harness.bench.rerun)
+        return rerun_main(args)
     configs = [Path(c) for c in args.configs]
     missing = [str(c) for c in configs if not c.is_file()]
     if missing:
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 "going on with the next run")
             failed.append(f"{config} (seed {seed})")
             gc.collect()
-    rows = write_report(results, out)
+    rows = write_report(results, out, args.reference)
     log(f"{len(rows)} rows -> {out / 'results.md'}, {out / 'results.png'}, {results}")
     if rows:
         print(markdown(rows))

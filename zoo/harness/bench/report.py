@@ -28,7 +28,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (method, backbone_name, _), group in groups.items():
         row = {"method": method, "backbone": backbone_name, "seeds": len(group),
-               "steps": group[0].get("steps"), "main_metric": group[0].get("main_metric")}
+               "steps": group[0].get("steps"), "main_metric": group[0].get("main_metric"),
+               "budget": group[0].get("budget")}
         numeric: dict[str, list[float]] = {}
         for record in group:
             values = dict(record.get("metrics", {}))
@@ -65,6 +66,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     header = ["method", "backbone", "steps", "seeds", *mains, "nll", "ppl", "train s", "tokens/s",
               "peak RSS MB", "trainable params"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # paired comparisons to the reference row (zoo.harness.bench.stats, --reference)
+    reference = next((r["reference"] for r in rows if r.get("reference")), None)
+    compared = reference is not None and any(r.get("compare") for r in rows)
+    if compared:
+        from zoo.harness.bench.stats import comparison_cells, comparison_header
+
+        first = next((r["main_metric"] for r in rows if r["main_metric"]), None)
+        header += comparison_header(first, reference)
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         trainable = r["stats"].get("trainable_params")
         steps = "-" if r["steps"] is None else str(r["steps"])
@@ -72,7 +82,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                  *[_cell(r, m) for m in mains], _cell(r, "nll"), _cell(r, "ppl", 2),
                  _cell(r, "train_wall_s", 1), _cell(r, "tokens_per_s", 0), _cell(r, "peak_rss_mb", 0),
                  f"{int(trainable[0]):,}" if trainable else "-"]
+        if compared:
+            cells += comparison_cells(r, first)
         lines.append("| " + " | ".join(cells) + " |")
+    if compared:
+        lines += ["", f"Δ: paired difference to `{reference}` (row - reference) over the items both scored "
+                  "(n = items × seeds), 95 % percentile bootstrap interval resampling seeds, then items; "
+                  "*inconclusive*: the interval contains 0. p: exact two-sided sign test on the items' "
+                  "seed-mean differences (McNemar's exact test for one seed). Per-item records: `items/`."]
     return "\n".join(lines) + "\n"
 
 
@@ -91,24 +108,46 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for axis, (key, title) in zip(axes, panels):
         stats = [r["stats"].get(key, (float("nan"), 0.0)) if key else (float("nan"), 0.0) for r in rows]
         colors = ["0.6" if r["method"] == "base" else "C0" for r in rows]
-        bars = axis.bar(range(len(rows)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4,
-                        color=colors)
-        axis.bar_label(bars, labels=[f"{s[0]:.3g}" for s in stats], fontsize=8, padding=2)
+        bars = axis.bar(range(len(rows)), [s[0] for s in stats], color=colors)
+        axis.bar_label(bars, labels=[f"{s[0]:.3g}" for s in stats], fontsize=8, label_type="center")
+        # 95 % intervals (zoo.harness.bench.stats.row_interval) with n; no bar where nothing estimates one
+        for x, (r, s) in enumerate(zip(rows, stats)):
+            interval = (r.get("ci") or {}).get(key) if key else None
+            if interval is None or not math.isfinite(s[0]):
+                continue
+            low, high, items, seeds = interval
+            axis.errorbar([x], [s[0]], yerr=[[max(s[0] - low, 0.0)], [max(high - s[0], 0.0)]], fmt="none",
+                          ecolor="black", capsize=4)
+            axis.annotate(f"n={items}×{seeds}" if items else f"n={seeds} seeds", (x, high), fontsize=7,
+                          ha="center", xytext=(0, 3), textcoords="offset points")
         finite = [s[0] for s in stats if math.isfinite(s[0])]
         if key == main and finite and all(0.0 <= v <= 1.0 for v in finite):
             axis.set_ylim(0.0, 1.05)  # a fraction (exact match, accuracy): show it on its full scale
         axis.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.grid(axis="y", alpha=0.3)
-    figure.suptitle("zoo bench: mean ± std over seeds", fontsize=11)
+    figure.suptitle("zoo bench: mean, 95 % CI (bootstrap over seeds, then items; n = items × seeds)",
+                    fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 
-def write_report(results: Path, out: Path) -> list[dict[str, Any]]:
-    rows = summarize(load_results(results))
+def write_report(results: Path, out: Path, reference: str | None = None) -> list[dict[str, Any]]:
+    """``results.md`` and ``results.png`` from ``results.jsonl``; ``reference``: the row the others are
+    compared to (default ``sft`` when present, else ``base``; :mod:`zoo.harness.bench.stats`)."""
+    from zoo.harness.bench.records import BenchError
+    from zoo.harness.bench.stats import attach_comparisons
+
+    records = load_results(results)
+    rows = summarize(records)
+    if reference and rows and reference not in {r["method"] for r in rows}:
+        raise BenchError(f"--reference {reference}: no such row in {results} (rows: "
+                         f"{', '.join(sorted({r['method'] for r in rows}))}); pick one of them")
+    used = attach_comparisons(rows, records, out, reference) if rows else None
+    for row in rows:
+        row["reference"] = used
     if rows:
         (out / "results.md").write_text(markdown(rows))
         plot(rows, out / "results.png")

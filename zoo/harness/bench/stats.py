@@ -134,3 +134,121 @@ def compare_rows(out: Path, row: list[dict[str, Any]], reference: list[dict[str,
         weights = np.array([pairs[0][0][i]["tokens"] for i in common], dtype=np.float64)
         result["nll"] = paired_difference(diff, weights, resamples=resamples)
     return result
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    import json
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        key = (record["method"], record.get("backbone"), json.dumps(record.get("budget"), sort_keys=True))
+        groups.setdefault(key, []).append(record)
+    return groups
+
+
+def default_reference(records: list[dict[str, Any]]) -> str | None:
+    """``sft`` when a row has that name, else ``base``, else ``None``."""
+    methods = {r["method"] for r in records}
+    return next((name for name in ("sft", "base") if name in methods), None)
+
+
+def _reference_group(groups: dict[tuple, list[dict[str, Any]]], key: tuple, reference: str):
+    """The reference's records for a row: same backbone, the same generation budget (limit and
+    max_new_tokens; training steps may differ, ``base`` has none), the same data set."""
+    import json
+
+    _, backbone, budget = key
+    budget = json.loads(budget) or {}
+    want = (budget.get("limit"), budget.get("max_new_tokens"))
+    dataset = groups[key][0].get("dataset")
+    candidates = []
+    for (method, other_backbone, other_budget), group in groups.items():
+        other = json.loads(other_budget) or {}
+        if (method == reference and other_backbone == backbone
+                and (other.get("limit"), other.get("max_new_tokens")) == want
+                and group[0].get("dataset") == dataset):
+            candidates.append((other_budget != json.dumps(budget, sort_keys=True), group))
+    return min(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def row_interval(out: Path, group: list[dict[str, Any]], metric: str,
+                 resamples: int = 2000) -> tuple[float, float, int, int] | None:
+    """(low, high, items, seeds): 95 % bootstrap interval of a row's own mean ``metric`` (``nll``: token
+    mean) from its items, seeds then items; without items files, mean +- 1.96 * std / sqrt(seeds) over
+    two or more seeds (items = 0); ``None`` when there is nothing to estimate it from (one seed, no items)."""
+    tables = [_items(out, r) for r in group]
+    tables = [t for t in tables if t]
+    if tables:
+        if metric == "nll":
+            common = sorted(set.intersection(*[{i for i in t if t[i].get("tokens")} for t in tables]))
+            if common:
+                values = np.array([[t[i]["nll_sum"] for i in common] for t in tables])
+                weights = np.array([tables[0][i]["tokens"] for i in common], dtype=np.float64)
+                low, high = bootstrap_ci(values, weights, resamples=resamples)
+                return low, high, len(common), len(tables)
+        else:
+            common = sorted(set.intersection(*[{i for i in t if metric in t[i].get("scores", {})}
+                                               for t in tables]))
+            if common:
+                values = np.array([[float(t[i]["scores"][metric]) for i in common] for t in tables])
+                low, high = bootstrap_ci(values, resamples=resamples)
+                return low, high, len(common), len(tables)
+    values = [r.get("metrics", {}).get(metric) for r in group]
+    values = [float(v) for v in values if isinstance(v, (int, float))]
+    if len(values) < 2:
+        return None
+    mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+    half = 1.96 * std / np.sqrt(len(values))
+    return mean - half, mean + half, 0, len(values)
+
+
+def attach_comparisons(rows: list[dict[str, Any]], records: list[dict[str, Any]], out: Path,
+                       reference: str | None) -> str | None:
+    """Add ``row["compare"]`` (:func:`compare_rows` to the reference; absent on the reference itself and
+    where nothing pairs) and ``row["ci"]`` (``{metric: row_interval}`` for the main metric and nll) to the
+    report's rows (:func:`zoo.harness.bench.report.summarize`, same grouping). Returns the reference used."""
+    import json
+
+    groups = _groups(records)
+    reference = reference or default_reference(records)
+    for row in rows:
+        key = (row["method"], row["backbone"], json.dumps(row.get("budget"), sort_keys=True))
+        if key not in groups:
+            continue
+        group = groups[key]
+        metric = row.get("main_metric")
+        row["ci"] = {m: row_interval(out, group, m) for m in (metric, "nll") if m}
+        if reference and row["method"] != reference:
+            ref_group = _reference_group(groups, key, reference)
+            if ref_group:
+                row["compare"] = compare_rows(out, group, ref_group, metric)
+    return reference
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def comparison_header(metric: str | None, reference: str) -> list[str]:
+    return [f"Δ {metric} vs {reference} [95% CI]" if metric else f"Δ vs {reference}",
+            f"p (sign test) vs {reference}", f"Δ nll vs {reference} [95% CI]"]
+
+
+def comparison_cells(row: dict[str, Any], metric: str | None) -> list[str]:
+    """Table cells for :func:`comparison_header`: ``+d [low, high] (n=items×seeds)``, *inconclusive* when the
+    interval contains 0, ``-`` where nothing pairs."""
+    compare = row.get("compare") or {}
+    cells = []
+    for key, digits in ((metric, 3), ("p", 3), ("nll", 4)):
+        if key == "p":
+            p = (compare.get(metric) or {}).get("p")
+            cells.append("-" if p is None else f"{p:.3g}")
+            continue
+        entry = compare.get(key) if key else None
+        if not entry:
+            cells.append("-")
+            continue
+        text = (f"{_signed(entry['diff'], digits)} [{_signed(entry['low'], digits)}, "
+                f"{_signed(entry['high'], digits)}] (n={entry['items']}×{entry['seeds']})")
+        cells.append(text + (" *inconclusive*" if entry["inconclusive"] else ""))
+    return cells
