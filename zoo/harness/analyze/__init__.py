@@ -47,6 +47,8 @@ TOOLS: dict[str, tuple[str, str]] = {
                     "Token distribution shift: rank of the tuned model's tokens under the base (spec 31)."),
     "rag": ("zoo.harness.rag.tool",
             "RAG evaluation: models in one frozen retrieval pipeline, paired CIs (spec 29)."),
+    "checklist": ("zoo.harness.checklist",
+                  "Alignment checklist: per-axis tasks, mean ± CI, paired deltas, contamination (spec 19)."),
 }
 
 DESCRIPTION = "Analysis tools. Each prints a table and writes OUT/<tool>.png and OUT/<tool>.json."
