@@ -131,6 +131,15 @@ class Adapter(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be switched off")
         yield
 
+    @contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """``disabled()`` for adapters whose hooks check ``self.enabled`` (DSEE, parallel adapters)."""
+        previous, self.enabled = getattr(self, "enabled", True), False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self, lr: float) -> list[dict[str, Any]] | None:
         """Optimizer groups with their own settings (``{"params": [...], "lr": ..., "name": ...}``), or None

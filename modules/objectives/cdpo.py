@@ -47,7 +47,7 @@ from zoo import backbone
 from zoo.datamodules.preference import split_pairs
 from zoo.errors import ConfigError
 from zoo.modules.base import CausalLMModule, StepOutputs, target_mask
-from zoo.modules.objectives.dpo import DPOModule, dpo_loss
+from zoo.modules.objectives.dpo import DPOModule
 from zoo.modules.peft_module import PeftModule
 from zoo.registry import register
 
@@ -252,23 +252,13 @@ class CDPOModule(DPOModule):
                            "logging the DPO metrics only, no cdpo_loss")
         return bool(self._contrast)
 
-    def evaluation_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        """Chosen NLL as ``{stage}/loss``, DPO's loss and rewards, and cDPO's token-weighted loss and rewards."""
-        self._check_pairs(batch)
-        outputs = self(batch)
-        weights = target_mask(batch["labels"]).float()
-        policy = -self.weighted_token_loss(outputs, weights)
-        ratios = policy - self.reference_token_logps(batch, weights)
-        (ratio_c, ratio_r), (policy_c, _), (mask_c, mask_r) = (split_pairs(t) for t in (ratios, policy, weights))
-        pairs = ratio_c.shape[0]
-        chosen_tokens = mask_c.sum()
-        nll = -policy_c.sum() / chosen_tokens.clamp_min(1.0)
-        self.log(f"{stage}/loss", nll, prog_bar=True, batch_size=int(chosen_tokens.item()), sync_dist=True)
-        loss, chosen_reward, rejected_reward = dpo_loss(ratio_c.sum(dim=1), ratio_r.sum(dim=1), self.hparams.beta)
-        self.log(f"{stage}/dpo_loss", loss, batch_size=pairs, sync_dist=True)
-        self._log_rewards(stage, chosen_reward, rejected_reward)
+    def evaluation_objective(self, stage: str, batch: dict[str, Tensor], ratios: Tensor, weights: Tensor,
+                             dpo_value: Tensor) -> Tensor:
+        """cDPO's token-weighted loss and rewards beside DPO's (logged by DPO's evaluation step)."""
         if not self._evaluation_contrast():
-            return loss
+            return dpo_value
+        (ratio_c, ratio_r), (mask_c, mask_r) = split_pairs(ratios), split_pairs(weights)
+        pairs = ratio_c.shape[0]
         score_c, score_r = split_pairs(self.token_scores(batch))
         loss, chosen_reward, rejected_reward = cdpo_loss(ratio_c, ratio_r, score_c, score_r, mask_c, mask_r,
                                                          beta=self.hparams.beta, only_neg=self.hparams.only_neg,

@@ -178,7 +178,13 @@ class DPOModule(CausalLMModule):
         self.log(f"{stage}/loss", nll, prog_bar=True, batch_size=int(chosen_tokens.item()), sync_dist=True)
         self.log(f"{stage}/dpo_loss", loss, batch_size=chosen.numel(), sync_dist=True)
         self._log_rewards(stage, chosen_reward, rejected_reward)
-        return loss
+        return self.evaluation_objective(stage, batch, ratios, weights, loss)
+
+    def evaluation_objective(self, stage: str, batch: dict[str, Tensor], ratios: Tensor, weights: Tensor,
+                             dpo_value: Tensor) -> Tensor:
+        """Hook for objectives built on DPO: log their own evaluation figures from the (2B, T) per-token
+        log-ratios and weights DPO's evaluation already computed; return the step's value (DPO's loss)."""
+        return dpo_value
 
 
 register(

@@ -33,8 +33,7 @@ are modelled by the sparsity, not measured).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import lightning as L
@@ -210,13 +209,8 @@ class DSEE(Adapter):
             out.append((name, self.model.get_submodule(name), delta))
         return out
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+    def disabled(self) -> AbstractContextManager[None]:
+        return self.switched_off()
 
     @torch.no_grad()
     def export_state_dict(self) -> dict[str, Tensor]:

@@ -33,8 +33,7 @@ ConfigError says so).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -224,13 +223,8 @@ class UnifiedAdapter(Adapter):
                                            position_ids=pre.position_ids, cache=pre.cache, use_cache=True)
         return out.last_hidden_state
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+    def disabled(self) -> AbstractContextManager[None]:
+        return self.switched_off()
 
     # ------------------------------------------------------------------ counting and export
     def trainable_count(self) -> int:

@@ -139,7 +139,7 @@ def test_merged_export_loads_with_transformers_and_scores_like_the_live_module(
     import zoo
 
     manifest = json.loads((export / "zoo.json").read_text())
-    assert manifest["weights"] == "full" and manifest["init_args"]["adapter"] is None
+    assert manifest["weights"] == "merged" and manifest["init_args"]["adapter"] is None
     reload = zoo.load(export)
     with torch.no_grad():
         assert torch.allclose(_module_nll(reload, batch), live, atol=1e-5)
