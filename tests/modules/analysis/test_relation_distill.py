@@ -122,3 +122,29 @@ def test_bad_teacher_or_layer_is_a_config_error(tiny_module, tiny_data, fit_tiny
         TokenRelationDistillation(teacher="dino")
     with pytest.raises(ConfigError, match="decoder blocks"):
         fit_tiny(tiny_module(), tiny_data(), callbacks=[TokenRelationDistillation(layer=5)], max_steps=1)
+
+
+def test_trd_is_optimisable_on_the_tiny_backbone(tiny_module, tiny_data, fit_tiny):
+    """Spec check: the term decreases under training (projector and model learn the teacher's relations)."""
+    from lightning.pytorch import Callback
+
+    class Record(Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.values.append(float(trainer.callback_metrics["train/aux/trd"]))
+
+    record = Record()
+    callback = TokenRelationDistillation(layer=1, weight=5.0, margin=0.0, projector_width=32, tokens="all")
+    fit_tiny(tiny_module(lr=3e-3), tiny_data(), callbacks=[callback, record], max_steps=30)
+    first, last = sum(record.values[:3]) / 3, sum(record.values[-3:]) / 3
+    assert first > 0.02 and last < 0.7 * first, record.values  # measured 0.74 -> 0.42
+
+
+def test_minilm_teacher_trains_through_fit(tiny_module, tiny_data, fit_tiny):
+    callback = TokenRelationDistillation(teacher="minilm", projector_width=16)
+    module = tiny_module()
+    fit_tiny(module, tiny_data(), callbacks=[callback], max_steps=2)
+    assert getattr(module, PROJECTOR_NAME)[-1].weight.shape == (384, 16)  # projected to MiniLM's width
+    assert all(not p.requires_grad for p in callback.teacher.parameters())
