@@ -33,13 +33,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from zoo.errors import ConfigError
+from zoo.modules.base import StepOutputs
+from zoo.modules.classification.module import ClassificationModule
+from zoo.modules.classification.verbalizer import Words, right_pad
+from zoo.registry import REPO_ROOT, register_method
 
 FIELD_SENTENCE = "The field of this study is related to {phrase}"
 
@@ -122,18 +127,46 @@ def read_terms(path: str | Path) -> dict[str, list[tuple[str, float]]]:
             if not label.startswith("_")}  # "_source" and other notes
 
 
+def build_verbalizer(terms: str | Path, out: str | Path | None = None, semantic_threshold: float = 0.5,
+                     ce_threshold: float = 0.9, encoder: Any = None) -> dict[str, dict[str, float]]:
+    """Run the offline builder: the terms file through :func:`filter_terms` with the MiniLM bi-encoder;
+    returns (and with ``out`` writes as JSON) ``{label: {term: s}}``, the weighted verbalizer. Kept and
+    dropped counts are printed per class (the filter's naming is counter-intuitive: log what it does)."""
+    candidates = read_terms(terms)
+    ce_scores = None
+    raw = json.loads(Path(terms).read_text())
+    if isinstance(raw.get("_ce_scores"), dict):  # optional cross-encoder scores {label: {term: c}}
+        ce_scores = raw["_ce_scores"]
+    similarity = encoder_similarity(encoder if encoder is not None else minilm_encoder())
+    phrases = {label: label.replace("_", " ") for label in candidates}
+    kept = filter_terms(candidates, similarity, phrases, semantic_threshold, ce_threshold, ce_scores)
+    for label in candidates:
+        print(f"[sciprompt] {label}: kept {len(kept[label])} of {len(candidates[label])} terms")
+    words = {label: {term: round(score, 4) for term, score in terms_} for label, terms_ in kept.items()}
+    if out is not None:
+        Path(out).write_text(json.dumps(words, indent=1) + "\n")
+    return words
+
+
 # ---------------------------------------------------------------------------- scoring
-def word_alphas(scores: Tensor, valid: Tensor, temperature: float = 1.0) -> Tensor:
-    """(C, W) alpha = softmax over each class's valid words of ``temperature * scores``; padded slots 0."""
-    logits = (scores * temperature).masked_fill(~valid, float("-inf"))
-    return torch.nan_to_num(logits.softmax(-1), nan=0.0)
+def weighted_label_scores(word_log_probs: Tensor, word_label: Tensor, weights: Tensor,
+                          num_labels: int) -> Tensor:
+    """(B, C) ``sum_{w in V_c} alpha_w log p(w)`` with alpha = ``weights`` (W,) renormalised over each class's
+    words (a class whose weights are all 0 scores 0); ``word_label`` (W,) the class of each word."""
+    totals = torch.zeros(num_labels, dtype=weights.dtype, device=weights.device)
+    totals = totals.index_add(0, word_label, weights)
+    alpha = weights / totals[word_label].clamp_min(torch.finfo(weights.dtype).tiny)
+    out = word_log_probs.new_zeros(word_log_probs.shape[0], num_labels)
+    return out.index_add(1, word_label, word_log_probs * alpha.to(word_log_probs.dtype))
 
 
-def class_scores(word_log_probs: Tensor, word_index: Tensor, alphas: Tensor) -> Tensor:
-    """(B, C) ``sum_w alpha_cw log p(w)``: ``word_log_probs`` (B, N) over all label words, ``word_index``
-    (C, W) the column of each class's words (any value where alpha is 0), ``alphas`` (C, W)."""
-    gathered = word_log_probs[:, word_index.clamp_min(0)]  # (B, C, W)
-    return (gathered * alphas).where(alphas > 0, torch.zeros_like(gathered)).sum(-1)
+def calibrated_word_log_probs(word_scores: Tensor, prior: Tensor | None) -> Tensor:
+    """(B, W) ``log p(w)`` normalised over ALL label words, divided by the (W,) ``prior`` and renormalised
+    (contextual calibration); ``prior`` None: uncalibrated."""
+    log_p = word_scores.log_softmax(-1)
+    if prior is None:
+        return log_p
+    return (log_p - prior.to(log_p.dtype).log()).log_softmax(-1)
 
 
 def low_prior_words(prior_logits: Tensor, word_token_ids: list[list[int]],
@@ -145,11 +178,204 @@ def low_prior_words(prior_logits: Tensor, word_token_ids: list[list[int]],
     return [i for i, ids in enumerate(word_token_ids) if any(t in low for t in ids)]
 
 
-def soft_verbalizer_init(output_embeddings: Tensor, word_token_ids: list[list[int]], word_index: Tensor,
-                         alphas: Tensor) -> Tensor:
-    """(C, H) head rows: per class the alpha-weighted mean of its words' output-embedding rows (a word's row
-    = the mean of its sub-tokens' rows)."""
+def soft_verbalizer_init(output_embeddings: Tensor, word_token_ids: list[list[int]], word_label: Tensor,
+                         weights: Tensor, num_labels: int) -> Tensor:
+    """(C, H) head rows: per class the weighted mean (``weights`` normalised per class) of its words'
+    output-embedding rows (a word's row = the mean of its sub-tokens' rows)."""
     rows = torch.stack([output_embeddings[torch.tensor(ids, device=output_embeddings.device)].float().mean(0)
-                        for ids in word_token_ids])  # (N, H)
-    gathered = rows[word_index.clamp_min(0)]  # (C, W, H)
-    return (gathered * alphas.unsqueeze(-1).to(rows.dtype)).sum(1)
+                        for ids in word_token_ids])  # (W, H)
+    label = word_label.to(rows.device)
+    w = weights.to(rows.device, rows.dtype)
+    totals = torch.zeros(num_labels, dtype=rows.dtype, device=rows.device).index_add(0, label, w)
+    alpha = w / totals[label].clamp_min(torch.finfo(rows.dtype).tiny)
+    return torch.zeros(num_labels, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add(
+        0, label, rows * alpha[:, None])
+
+
+# ---------------------------------------------------------------------------- the module
+DEFAULT_VERBALIZER = "configs/data/sciprompt_verbalizer.json"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` as given, else relative to the repository root (configs name repo files)."""
+    candidate = Path(path)
+    if candidate.is_file() or candidate.is_absolute():
+        return candidate
+    return REPO_ROOT / candidate
+
+
+def read_verbalizer(path: str | Path, temperature: float = 1.0,
+                    include_label: bool = True) -> dict[str, dict[str, float]]:
+    """Label words with weights ``exp(temperature * s_w)`` (the Verbalizer normalises them per label, so the
+    weights become alpha = softmax over the class's words of temperature * s) from a built verbalizer file
+    ``{label: {word: s}}``; ``include_label`` adds the label's own name with s = 1 (the top score)."""
+    file = resolve_path(path)
+    if not file.is_file():
+        raise ConfigError(f"verbalizer file {str(path)!r} does not exist; build one with "
+                          "`python -m zoo.modules.classification.sciprompt --terms TERMS.json --out FILE`")
+    raw = json.loads(file.read_text())
+    words: dict[str, dict[str, float]] = {}
+    for label, scored in raw.items():
+        entry = {label.replace("_", " "): 1.0} if include_label else {}
+        entry.update({w: float(v) for w, v in scored.items()})
+        words[label] = {w: math.exp(temperature * v) for w, v in entry.items()}
+    return words
+
+
+@register_method(
+    name="sciprompt",
+    paper="SciPrompt: Knowledge-augmented Prompting for Fine-grained Categorization of Scientific Topics "
+          "(2024)",
+    spec="25",
+    scope="offline builder (frozen related-terms file, MiniLM bi-encoder filter; no web retrieval, NLI "
+          "scores only if precomputed), score-weighted verbalizer with contextual calibration, "
+          "soft-verbalizer variant; causal next-token slot instead of SciBERT's [MASK]",
+)
+class SciPromptModule(ClassificationModule):
+    """Prompt classification through a retrieved, filtered, score-weighted verbalizer (or its soft head)."""
+
+    def __init__(self, verbalizer_file: str | None = DEFAULT_VERBALIZER, pred_temp: float = 1.0,
+                 candidate_frac: float = 0.5, calibrate_support: bool = True, soft_verbalizer: bool = False,
+                 label_words: Words | None = None, **kwargs: Any) -> None:
+        """
+        Args:
+            verbalizer_file: the builder's output ``{label: {word: s}}`` (:func:`build_verbalizer`); None: use
+                ``label_words`` as given.
+            pred_temp: temperature multiplying the scores s before the per-class softmax (alpha).
+            candidate_frac: calibration drops words with a token in this lowest share of the prior (0.5).
+            calibrate_support: at fit start, calibrate on the training prompts (labels unused), the paper's
+                default; evaluation-time calibration follows ``calibration`` (content_free / unlabeled).
+            soft_verbalizer: the WARP-style variant: a linear head initialised from the weighted label-word
+                rows.
+            label_words: explicit weighted words (what exports record); overrides ``verbalizer_file``.
+            **kwargs: :class:`ClassificationModule` arguments (model, lr, adapter, calibration, ...).
+        """
+        if label_words is None and verbalizer_file is not None:
+            label_words = read_verbalizer(verbalizer_file, pred_temp)
+        if not 0 <= candidate_frac < 1:
+            raise ConfigError(f"candidate_frac must be in [0, 1), got {candidate_frac}")
+        self.soft_head: nn.Linear | None = None
+        self.weighted_words = dict(label_words or {})
+        super().__init__(label_words=label_words, aggregate="mean", length_norm=True, **kwargs)
+
+    # ------------------------------------------------------------------ construction
+    def _build_verbalizer(self, labels: list[str]) -> None:
+        # the parent reads these from hparams (a CLI run records only what the config names); labels the file
+        # does not cover (other data) keep their own names as words
+        words = {k: v for k, v in self.weighted_words.items() if k in labels}
+        self.hparams.update(aggregate="mean", length_norm=True, label_words=words)
+        super()._build_verbalizer(labels)
+        self.hparams["label_words"] = self.weighted_words
+        verbalizer = self.verbalizer
+        count, device = len(verbalizer.word_ids), verbalizer.prior.device
+        dtype = verbalizer.prior.dtype
+        self.register_buffer("word_prior", torch.full((count,), 1.0 / count, dtype=dtype, device=device))
+        self.register_buffer("word_keep", torch.ones(count, dtype=dtype, device=device))
+        word_label = torch.tensor(verbalizer.word_label, device=device)
+        self.register_buffer("word_label", word_label, persistent=False)
+        if self.hparams.soft_verbalizer:
+            rows = soft_verbalizer_init(self.lm_head_weight()[0].detach(), verbalizer.word_ids,
+                                        self.word_label, verbalizer.word_weight, verbalizer.num_labels)
+            self.soft_head = nn.Linear(rows.shape[1], rows.shape[0], bias=False).to(device, dtype)
+            with torch.no_grad():
+                self.soft_head.weight.copy_(rows.to(dtype))
+
+    def export_init_args(self, merged: bool = False) -> dict[str, Any]:
+        args = super().export_init_args(merged)
+        args["label_words"], args["verbalizer_file"] = self.weighted_words, None
+        return args
+
+    # ------------------------------------------------------------------ scores
+    def scores_from_hidden(self, prompts: list[list[int]], prompt_hidden: Tensor | None = None) -> Tensor:
+        """(B, C) SciPrompt class scores of token-id prompts (``prompt_hidden`` (B, H) at each prompt's end,
+        reused when given)."""
+        verbalizer = self.verbalizer
+        if self.soft_head is not None:
+            if prompt_hidden is None:
+                hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device))
+                ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
+                prompt_hidden = hidden[torch.arange(len(prompts), device=hidden.device), ends]
+            return self.soft_head(prompt_hidden.to(self.soft_head.weight.dtype)).log_softmax(-1)
+        word_scores = verbalizer.word_logprobs(self.forward_hidden, self.lm_head_weight(), prompts,
+                                               self.tokenizer.pad_token_id, prompt_hidden)
+        log_p = calibrated_word_log_probs(word_scores, self.word_prior)  # uniform until calibrated
+        weights = verbalizer.word_weight * self.word_keep
+        return weighted_label_scores(log_p, self.word_label, weights.to(log_p.dtype), verbalizer.num_labels)
+
+    def label_scores(self, batch: dict[str, Tensor], outputs: StepOutputs | None = None) -> Tensor:
+        prompts = self.prompt_ids(batch)
+        prompt_hidden = None
+        if outputs is not None and (self.verbalizer.single_token or self.soft_head is not None):
+            ends = torch.tensor([len(p) - 1 for p in prompts], device=outputs.hidden.device)
+            prompt_hidden = outputs.hidden[torch.arange(len(prompts), device=ends.device), ends]
+        return self.scores_from_hidden(prompts, prompt_hidden)
+
+    @torch.no_grad()
+    def score_prompts(self, prompts: list[str], calibrated: bool = True, batch_size: int = 16) -> Tensor:
+        """(B, C) class scores of raw prompt strings (calibration is inside the word probabilities)."""
+        was_training = self.training
+        self.eval()
+        try:
+            rendered = self.render(prompts)
+            return torch.cat([self.scores_from_hidden(rendered[i: i + batch_size])
+                              for i in range(0, len(rendered), batch_size)])
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def calibrate(self, prompts: list[str]) -> None:
+        """Contextual calibration on ``prompts`` (support or unlabeled inputs; labels never used): the word
+        prior is the mean p(w) over label words, and words with a token in the lowest ``candidate_frac`` of
+        the mean next-token logits at the answer slot are dropped (classes keep at least their best word)."""
+        was_training = self.training
+        self.eval()
+        try:
+            rendered = self.render(prompts)
+            verbalizer, pad = self.verbalizer, self.tokenizer.pad_token_id
+            probs, logits = [], []
+            weight, bias = self.lm_head_weight()
+            for i in range(0, len(rendered), 16):
+                chunk = rendered[i: i + 16]
+                hidden = self.forward_hidden(right_pad(chunk, pad, self.device))
+                ends = torch.tensor([len(p) - 1 for p in chunk], device=hidden.device)
+                last = hidden[torch.arange(len(chunk), device=hidden.device), ends]
+                logits.append(torch.nn.functional.linear(last, weight, bias).float())
+                scores = verbalizer.word_logprobs(self.forward_hidden, (weight, bias), chunk, pad, last)
+                probs.append(scores.float().softmax(-1))
+        finally:
+            self.train(was_training)
+        self.word_prior.copy_(torch.cat(probs).mean(0).to(self.word_prior.dtype))
+        keep = torch.ones_like(self.word_keep)
+        dropped = low_prior_words(torch.cat(logits).mean(0), verbalizer.word_ids, self.hparams.candidate_frac)
+        keep[dropped] = 0.0
+        for c in range(verbalizer.num_labels):  # never leave a class without words
+            mine = (self.word_label == c).nonzero().flatten()
+            if keep[mine].sum() == 0:
+                keep[mine[verbalizer.word_weight[mine].argmax()]] = 1.0
+        self.word_keep.copy_(keep)
+
+    def on_train_start(self) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        records = getattr(datamodule, "records", {}) or {}
+        if self.hparams.calibrate_support and self.soft_head is None and records.get("train"):
+            self.calibrate([r["prompt"] for r in records["train"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m zoo.modules.classification.sciprompt --terms FILE --out FILE``: build a verbalizer."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m zoo.modules.classification.sciprompt",
+                                     description="SciPrompt's offline verbalizer builder (MiniLM filter)")
+    parser.add_argument("--terms", required=True, help="frozen related-terms JSON {label: [[term, score]]}")
+    parser.add_argument("--out", required=True, help="where to write {label: {term: s}}")
+    parser.add_argument("--semantic-threshold", type=float, default=0.5)
+    parser.add_argument("--ce-threshold", type=float, default=0.9)
+    args = parser.parse_args(argv)
+    build_verbalizer(args.terms, args.out, args.semantic_threshold, args.ce_threshold)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
