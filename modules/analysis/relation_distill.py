@@ -206,7 +206,7 @@ class TokenRelationDistillation(Callback):
         return index % count
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.teacher is not None:
+        if stage != "fit" or hasattr(pl_module, PROJECTOR_NAME):
             return
         if pl_module.adapter.parameter_groups(pl_module.hparams.lr) is not None:
             raise ConfigError(f"relation_distill with {type(pl_module.adapter).__name__}: the adapter "
@@ -245,6 +245,9 @@ class TokenRelationDistillation(Callback):
     def auxiliary_loss(self, module, batch: dict[str, Tensor], outputs) -> tuple[str, Tensor]:
         if self._captured is None:
             raise ConfigError("relation_distill: block output not captured (callback not started by fit)")
+        if "input_ids" not in batch or "labels" not in batch:
+            raise ConfigError("relation_distill needs SFT-style batches (input_ids, attention_mask, labels); "
+                              f"this objective's batches hold {sorted(batch)}")
         length = batch["input_ids"].shape[1]
         student = self._captured[:, -length:]  # virtual prompt tokens come first
         self._captured = None

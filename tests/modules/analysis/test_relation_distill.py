@@ -148,3 +148,12 @@ def test_minilm_teacher_trains_through_fit(tiny_module, tiny_data, fit_tiny):
     fit_tiny(module, tiny_data(), callbacks=[callback], max_steps=2)
     assert getattr(module, PROJECTOR_NAME)[-1].weight.shape == (384, 16)  # projected to MiniLM's width
     assert all(not p.requires_grad for p in callback.teacher.parameters())
+
+
+def test_one_callback_serves_two_fits_with_their_own_projectors(tiny_module, tiny_data, fit_tiny):
+    callback = TokenRelationDistillation(layer=0, projector_width=8)
+    first, second = tiny_module(), tiny_module()
+    fit_tiny(first, tiny_data(), callbacks=[callback], max_steps=1)
+    fit_tiny(second, tiny_data(), callbacks=[callback], max_steps=1)
+    assert getattr(first, PROJECTOR_NAME) is not getattr(second, PROJECTOR_NAME)
+    assert all(p.grad is not None for p in getattr(second, PROJECTOR_NAME).parameters())
