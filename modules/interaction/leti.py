@@ -71,7 +71,7 @@ class CodeExecutor:
         raise NotImplementedError
 
 
-_LAUNCHER_FRAME = re.compile(r'^\s*File "<string>", line \d+, in \w+\n', re.MULTILINE)
+_LAUNCHER_FRAME = re.compile(r'^\s*File "<string>", line \d+, in [^\n]+\n', re.MULTILINE)
 _PATH = re.compile(r'File "(?:[^"]*/)?([^"/]+)"')
 
 

@@ -1,0 +1,223 @@
+"""LeTI (spec 23): special tokens (tokenizer, export, zoo.load), FCFT texts and loss, deterministic fake
+executor, the loop's mechanics, and no generated code ever running in the zoo's own process."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+
+import pytest
+import torch
+
+from zoo.datamodules.code import build_program, pass_at_k
+from zoo.errors import ConfigError, ZooError
+from zoo.modules.interaction import leti
+from zoo.modules.interaction.leti import (
+    BAD,
+    FAKE_ERRORS,
+    FEEDBACK_CLOSE,
+    FEEDBACK_OPEN,
+    GOOD,
+    LETI_TOKENS,
+    Execution,
+    FakeExecutor,
+    FeedbackConditionedLM,
+    LeTIDataModule,
+    LeTILoop,
+    SandboxExecutor,
+    encode_fcft,
+    fcft_prompt,
+    task_as_code_problem,
+)
+from zoo.sandbox import Program
+
+
+def policy() -> FeedbackConditionedLM:
+    return FeedbackConditionedLM(model="tiny-llama", lr=1e-3, export=False)
+
+
+def problems(**kwargs) -> LeTIDataModule:
+    defaults = dict(dataset="synthetic_code", tokenizer="tiny-llama", num_train=2, num_val=1, num_test=1,
+                    max_length=512, batch_size=2, eval_batch_size=2)
+    return LeTIDataModule(**{**defaults, **kwargs})
+
+
+def sandbox_or_skip() -> None:
+    from zoo import sandbox
+
+    try:
+        sandbox.layers()
+    except ZooError as err:
+        pytest.skip(f"sandbox unavailable here: {err}")
+
+
+def test_each_feedback_token_is_one_id_and_the_embeddings_grew_once():
+    module = policy()
+    ids = [module.tokenizer.encode(t, add_special_tokens=False) for t in LETI_TOKENS]
+    assert ids == [[258], [259], [260], [261]]  # the byte tokenizer holds 258 entries before
+    assert module.model.get_input_embeddings().weight.shape[0] == 262
+    assert problems().token_ids == [258, 259, 260, 261]  # the data's own tokenizer copy agrees
+
+
+def test_feedback_tokens_survive_export_and_zoo_load(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import zoo
+
+    module = policy()
+    with torch.no_grad():
+        module.model.get_input_embeddings().weight[259] += 0.5  # a trained <|bad|> row
+    module.export(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)  # the plain HF export
+    assert [tokenizer.convert_tokens_to_ids(t) for t in LETI_TOKENS] == [258, 259, 260, 261]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).get_input_embeddings().weight.shape[0] == 262
+    loaded = zoo.load(tmp_path)
+    assert type(loaded) is FeedbackConditionedLM
+    reloaded_ids = [loaded.tokenizer.encode(t, add_special_tokens=False) for t in LETI_TOKENS]
+    assert reloaded_ids == [[258], [259], [260], [261]]
+    assert torch.equal(loaded.model.get_input_embeddings().weight, module.model.get_input_embeddings().weight)
+
+
+def test_fcft_texts_start_with_the_verdict_and_hold_feedback_only_when_there_is_some():
+    prompt = "Write f."
+    assert fcft_prompt(GOOD + prompt, Execution(True)) == "<|good|>Write f."
+    failed = Execution(False, "NameError: name 'y' is not defined")
+    assert fcft_prompt(GOOD + prompt, failed) == (
+        "<|bad|><|lang_feedback|>NameError: name 'y' is not defined<|/lang_feedback|>Write f.")
+    assert fcft_prompt(GOOD + prompt, failed, coarse_only=True) == "<|bad|>Write f."
+    assert fcft_prompt(prompt, Execution(False)) == "<|bad|>Write f."  # no feedback, no span
+    # a prefix is removed, not a character set (the repo's lstrip would also eat "|>d" here)
+    assert fcft_prompt(GOOD + "|>doc", Execution(True)) == "<|good|>|>doc"
+
+
+def test_labels_are_the_input_ids_and_the_reward_token_changes_the_loss():
+    from zoo.datamodules.sft import collate
+    from zoo.labels import target_mask
+
+    module = policy()
+    tokenizer = module.tokenizer
+    rows = [encode_fcft(tokenizer, reward + "Write f.", "def f():\n    return 1\n") for reward in (GOOD, BAD)]
+    for row in rows:
+        assert row["labels"] == row["input_ids"]
+        assert row["input_ids"].count(258 if row is rows[0] else 259) == 1
+    embeddings = module.model.get_input_embeddings().weight
+    losses = []
+    for row, token in zip(rows, (258, 259)):
+        batch = collate([{**row, "index": 0}], tokenizer.pad_token_id)
+        outputs = module(batch)
+        loss = module.compute_loss(batch, outputs, target_mask(batch["labels"]).float())
+        module.zero_grad()
+        loss.backward()
+        assert embeddings.grad[token].abs().sum() > 0  # predicted and conditioned on: it gets a gradient
+        losses.append(loss.item())
+    # both rows start as the mean embedding (identical losses); once training separates them, they differ
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    with torch.no_grad():
+        embeddings[259] += 0.3
+    batches = [collate([{**row, "index": 0}], tokenizer.pad_token_id) for row in rows]
+    after = [module.compute_loss(b, module(b), target_mask(b["labels"]).float()).item() for b in batches]
+    assert after[0] != pytest.approx(after[1], abs=1e-4)
+
+
+def digest_verdict(program: Program) -> tuple[bool, str]:
+    """FakeExecutor's rule, re-derived: SHA-256 of source NUL test; first 4 bytes / 2^32 < rate passes."""
+    digest = hashlib.sha256((program.source + "\0" + program.test).encode()).digest()
+    if int.from_bytes(digest[:4], "big") < 0.5 * 2**32:
+        return True, ""
+    return False, FAKE_ERRORS[digest[4] % 4]
+
+
+def test_fake_executor_makes_the_training_set_deterministic():
+    module, data = policy(), problems()
+    runs = []
+    for seed in (0, 0, 1):
+        loop = LeTILoop(samples_per_problem=3, max_new_tokens=12, executor=FakeExecutor(), seed=seed)
+        stats = loop.iterate(module, data)
+        runs.append((loop.texts, [r["input_ids"] for r in data.encoded["train"].rows], stats))
+    assert runs[0][:2] == runs[1][:2]
+    assert runs[0][0] != runs[2][0]  # another sampling seed: other programs
+    texts, _, stats = runs[0]
+    records = [p for p in data.problems() for _ in range(3)]
+    verdicts = [digest_verdict(build_program(r, program)) for r, (_, program) in zip(records, texts)]
+    for (prefix, _), (passed, message) in zip(texts, verdicts):
+        expected = GOOD if passed else BAD + FEEDBACK_OPEN + message + FEEDBACK_CLOSE
+        assert prefix.startswith(expected) and prefix.count(GOOD) + prefix.count(BAD) == 1
+    correct = [sum(v[0] for v in verdicts[i:i + 3]) for i in (0, 3)]
+    assert stats["leti/pass@1"] == pytest.approx(sum(c / 3 for c in correct) / 2)
+    assert stats["leti/pass@3"] == pytest.approx(sum(pass_at_k(3, c, 3) for c in correct) / 2)
+    assert len(data.encoded["train"].rows) == 6
+
+
+def test_loop_resamples_each_iteration_and_keeps_the_set_size(fit_tiny):
+    module, data = policy(), problems()
+    loop = LeTILoop(samples_per_problem=2, max_new_tokens=8, executor=FakeExecutor(pass_rate=0.3))
+    seen = []
+    original = loop.iterate
+
+    def spy(module_, data_):
+        stats = original(module_, data_)
+        seen.append(list(loop.texts))
+        return stats
+
+    loop.iterate = spy
+    fit_tiny(module, data, callbacks=[loop], max_steps=-1, max_epochs=2)
+    # at fit start and after epoch 0, not after the last epoch
+    assert [h["leti/iteration"] for h in loop.history] == [0.0, 1.0]
+    assert len(seen[0]) == len(seen[1]) == 4 and seen[0] != seen[1]
+    assert len(data.encoded["train"].rows) == 4
+
+
+def test_loop_refuses_plain_modules_and_other_data(fit_tiny, tiny_module, tiny_data):
+    with pytest.raises(ConfigError, match="FeedbackConditionedLM"):
+        fit_tiny(tiny_module(), problems(), callbacks=[LeTILoop(executor=FakeExecutor())])
+    with pytest.raises(ConfigError, match="LeTIDataModule"):
+        fit_tiny(policy(), tiny_data(), callbacks=[LeTILoop(executor=FakeExecutor())])
+
+
+def test_builtin_task_problems_are_tested_solve_functions():
+    sandbox_or_skip()
+    record = task_as_code_problem({"prompt": 'What is 2 - 5? Say """x""".', "answer": "-3"})
+    wrong = record["response"].replace("'-3'", "'3'")
+    results = SandboxExecutor(timeout=10).run([build_program(record, record["response"]),
+                                               build_program(record, wrong)])
+    assert results[0] == Execution(True, "")
+    assert not results[1].passed and results[1].feedback.endswith("AssertionError")
+
+
+def test_sandbox_feedback_is_the_normalised_traceback():
+    sandbox_or_skip()
+    test = "def check(candidate):\n    assert candidate(1) == 2\n"
+    program = Program("def f(x):\n    return y\n", test, "f")
+    feedback = SandboxExecutor().run([program])[0].feedback
+    assert feedback.endswith("NameError: name 'y' is not defined")
+    assert 'File "program.py", line 2, in f' in feedback
+    assert "<string>" not in feedback and "/tmp" not in feedback and "zoo-sandbox" not in feedback
+
+
+def test_the_loop_never_executes_generated_code_in_this_process(monkeypatch):
+    """The real executor on a tiny problem, with exec/compile of this process made to raise: the loop still
+    runs every program (in the sandbox's child processes), and a program that would mark this process's
+    builtins leaves no mark."""
+    sandbox_or_skip()
+    module, data = policy(), problems(num_train=1)
+    loop = LeTILoop(samples_per_problem=2, max_new_tokens=6, executor=SandboxExecutor(timeout=10))
+    loop.sample(module, data.problems())  # warm caches that compile once (the chat template)
+    marker = Program("import builtins\nbuiltins.LETI_RAN_HERE = True\n")
+    ran: list[int] = []
+    real_run_many = leti.run_many
+
+    def counting_run_many(programs, **kwargs):
+        ran.append(len(programs))
+        return real_run_many(programs, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generated code reached exec/compile in the zoo's process")
+
+    monkeypatch.setattr(leti, "run_many", counting_run_many)
+    with monkeypatch.context() as patched:
+        patched.setattr(builtins, "exec", refuse)
+        patched.setattr(builtins, "compile", refuse)
+        stats = loop.iterate(module, data)
+        marked = loop.executor.run([marker])
+    assert ran == [2, 1] and stats["leti/iteration"] == 0.0
+    assert marked[0].passed and not hasattr(builtins, "LETI_RAN_HERE")
