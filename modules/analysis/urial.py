@@ -267,6 +267,10 @@ class URIALModule(CausalLMModule):
     def render(self, query: str) -> str:
         return self.adapter.prefix + render_query(query)
 
+    def prompt_ids(self, query: str) -> list[int]:
+        """Token ids of the query turn (the prefix comes from the cache): what generation feeds."""
+        return list(self.tokenizer(render_query(query), add_special_tokens=False)["input_ids"])
+
     def generate_text(self, prompts: list[str], max_new_tokens: int | None = None,
                       system_prompt: str | None = None, batch_size: int = 16, use_cache: bool = True,
                       **sampling: Any) -> list[str]:
@@ -284,7 +288,7 @@ class URIALModule(CausalLMModule):
         eos = decoding.eos_ids(model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
         device = next(model.parameters()).device
-        encoded = [list(tokenizer(render_query(p), add_special_tokens=False)["input_ids"]) for p in prompts]
+        encoded = [self.prompt_ids(p) for p in prompts]
         was_training = self.training
         self.eval()
         results: list[str] = []

@@ -152,3 +152,88 @@ def test_conjugate_identity_reproduces_the_bench_harness(lora_export, tmp_path):
     bench_outputs = [json.loads(line)["completion"] for line in completions.read_text().splitlines()]
     assert [e["tuned"] for e in identity["examples"]] == bench_outputs[:3]
     assert any(e["tuned"] != e["base"] for e in identity["examples"])  # the adapter was on, then off
+
+
+def test_token_shift_hand_made_logits():
+    from zoo.harness.analyze.urial_shift import shift_classes, token_shift
+
+    base = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0],    # token 1 is 2nd -> marginal
+                         [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],    # token 4 is 5th -> shifted
+                         [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],    # token 0 is 1st -> unshifted
+                         [1.0, 3.0, 3.0, 0.0, 0.0, 0.0]])   # tie for 1st: token 2 shares rank 1
+    tokens = torch.tensor([1, 4, 0, 2])
+    stats = token_shift(base, base, tokens)
+    assert stats["rank"].tolist() == [2, 5, 1, 1]
+    assert torch.equal(stats["kl"], torch.zeros(4, dtype=torch.float64))
+    expected = base.double().softmax(-1)[torch.arange(4), tokens]
+    torch.testing.assert_close(stats["base_prob"], expected)
+    assert shift_classes(stats["rank"]) == {"unshifted": 0.5, "marginal": 0.25, "shifted": 0.25}
+    align = base.clone()
+    align[0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # uniform vs base: KL = sum u log(u / p)
+    kl = token_shift(align, base, tokens)["kl"][0]
+    p = base[0].double().softmax(-1)
+    assert float(kl) == pytest.approx(float((torch.full((6,), 1 / 6, dtype=torch.float64)
+                                             * (torch.log(torch.tensor(1 / 6, dtype=torch.float64))
+                                                - p.log())).sum()), rel=1e-12)
+
+
+def test_style_token_bonus_shifts_exactly_where_it_changes_the_top1():
+    from zoo import backbone
+    from zoo.harness.analyze.urial_shift import token_shift
+
+    model, tokenizer = backbone.tiny_llama()
+    ids = torch.tensor([tokenizer("Hello there, how are you today?", add_special_tokens=False)["input_ids"]])
+    base = model(input_ids=ids).logits[0].detach()
+    style = tokenizer("HRT", add_special_tokens=False)["input_ids"]
+    align = base.clone()
+    align[:, style] += 2.0 * base.std()  # a fixed bonus on a few 'style' tokens
+    tokens = align.argmax(-1)
+    stats = token_shift(align, base, tokens)
+    changed = tokens != base.argmax(-1)
+    assert bool(changed.any()) and bool((~changed).any())
+    assert torch.equal(stats["rank"] == 1, ~changed)
+    assert set(tokens[changed].tolist()) <= set(style)
+    assert bool((stats["kl"][changed] > 0).all())
+
+
+def test_urial_shift_against_itself_and_against_a_tuned_copy(full_export, tmp_path):
+    from zoo.harness.load import load_run
+    from zoo.modules import CausalLMModule
+
+    prompts = tmp_path / "q.txt"
+    prompts.write_text("What is 2 + 3?\nhello\n")
+    same = ["--tuned", "tiny-llama", "--base", "tiny-llama"]
+    assert main(["urial-shift", *same, "--prompts", str(prompts), "--max-new-tokens", "6",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "urial-shift.json").read_text())
+    assert record["ratios"]["unshifted"] == 1.0 and record["mean_kl"] == 0.0 and record["positions"] > 0
+    assert (tmp_path / "urial-shift.png").exists()
+    assert main(["urial-shift", "--tuned", str(full_export), "--prompts", str(prompts),
+                 "--max-new-tokens", "6", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "urial-shift.json").read_text())
+    assert sum(record["ratios"].values()) == pytest.approx(1.0)
+    # reference for the first prompt: plain HF forwards of both models, ranks by sorting
+    tuned, base = load_run(full_export).model, CausalLMModule(model="tiny-llama", export=False).model
+    first = record["prompts"][0]
+    from zoo.chat import render_prompt_ids
+
+    prompt = render_prompt_ids(load_run(full_export).tokenizer, "What is 2 + 3?")
+    ids = torch.tensor([prompt + first["tokens"]])
+    n = len(first["tokens"])
+    base_logits = base(input_ids=ids).logits[0, len(prompt) - 1:-1].detach()
+    tuned_logits = tuned(input_ids=ids).logits[0, len(prompt) - 1:-1].detach()
+    assert tuned_logits.argmax(-1).tolist() == first["tokens"]  # the aligned model's greedy output
+    order = base_logits.argsort(-1, descending=True)
+    ranks = [int((order[t] == first["tokens"][t]).nonzero()) + 1 for t in range(n)]
+    assert first["rank"] == ranks
+
+
+def test_urial_shift_of_a_urial_export_uses_the_prefix_switched_off(tmp_path):
+    from zoo.modules.analysis.urial import URIALModule
+
+    urial = URIALModule(model="tiny-llama", k=1, export=False)
+    export = urial.export(tmp_path / "urial")
+    assert main(["urial-shift", "--tuned", str(export), "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "urial-shift.json").read_text())
+    assert record["shared_backbone"] is True and record["positions"] > 0
+    assert record["mean_kl"] > 1e-6  # the prefix changes the distribution the base model predicts
