@@ -96,3 +96,18 @@ def test_multi_label_targets_pos_weight_and_metrics():
     assert metrics["micro_f1"] == pytest.approx(2 / 3) and metrics["macro_f1"] == pytest.approx(2 / 3)
     assert metrics["f1/a"] == pytest.approx(2 / 3)
     assert data.evaluation_metrics(data.records["test"][:2], ["none", "none"])["micro_f1"] == 0.0
+
+
+def test_local_file_with_field_mapping_gives_labels_and_k_shots(tmp_path):
+    import json
+
+    path = tmp_path / "reviews.jsonl"
+    rows = [{"review": f"text number {i}", "stars": "good" if i % 3 else "bad"} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = make(dataset=str(path), fields={"prompt": "review", "response": "stars", "answer": "stars"},
+                shots_per_class=2, sampling="equal", num_val=4, num_test=4)
+    data.setup()
+    assert data.labels == ["bad", "good"]
+    assert Counter(r["label"] for r in data.records["train"]) == {"bad": 2, "good": 2}
+    batch = next(iter(data.train_dataloader()))
+    assert batch["text"][0].startswith("text number") and set(batch["class_index"].tolist()) <= {0, 1}

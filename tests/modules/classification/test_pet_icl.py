@@ -81,3 +81,36 @@ def test_label_words_for_unknown_labels_is_a_config_error(bad):
 
     with pytest.raises(ConfigError, match="not in labels"):
         ClassificationModule(model="tiny-llama", labels=["yes", "no"], label_words=bad, export=False)
+
+
+def test_single_token_scores_softmax_equals_the_head_logits_restricted_to_the_label_tokens():
+    from zoo.modules.classification import Verbalizer
+
+    torch.manual_seed(0)
+    module = ClassificationModule(model="tiny-llama", labels=["yes", "no"], export=False)
+    tok = module.tokenizer
+    verbalizer = Verbalizer(["a", "b", "c"]).bind(tok)
+    prompt = tok("pick one: ")["input_ids"]
+    with torch.no_grad():
+        scores = verbalizer.score(module.forward_hidden, module.lm_head_weight(), [prompt], tok.pad_token_id)
+        logits = module.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    ids = [w[0] for w in verbalizer.word_ids]
+    assert torch.allclose(scores.softmax(-1)[0], logits[ids].softmax(-1), atol=1e-5)
+
+
+def test_reduced_vocab_head_normalises_over_the_label_tokens_and_trains():
+    torch.manual_seed(0)
+    pet = PETClassifier(model="tiny-llama", labels=["yes", "no"], head="reduced_vocab", export=False,
+                        adapter=ParallelAdapters(placement="ffn", bottleneck=4, scale=1.0))
+    head = pet.verbalizer.reduced_head
+    vocab = pet.verbalizer.vocab.tolist()
+    assert vocab == sorted({t for w in pet.verbalizer.word_ids for t in w})
+    hidden = torch.randn(3, pet.model.config.hidden_size)
+    total = sum(pet.verbalizer.token_logprobs(hidden, torch.full((3,), t), pet.lm_head_weight()).exp()
+                for t in vocab)
+    assert torch.allclose(total, torch.ones(3), atol=1e-5)  # a distribution over T, not the vocabulary
+    names = {f"verbalizer.reduced_head.{n}" for n, _ in head.named_parameters()}
+    assert names <= set(pet.trainable_parameters())
+    batch = batch_for(pet, ["is it?"], [1])
+    pet.compute_loss(batch, pet(batch), None).backward()
+    assert head[-1].weight.grad is not None and head[-1].weight.grad.abs().sum() > 0
