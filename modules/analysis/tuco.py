@@ -274,6 +274,8 @@ class TuCoCallback(L.Callback):
         return tuco(result, last)[0]
 
     def _log(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.history and self.history[-1][0] == trainer.global_step:
+            return  # once per optimizer step (gradient accumulation, the end of fit)
         values = self.measure(pl_module)
         self.history.append((trainer.global_step, float(values.mean())))
         metrics = {"tuco/mean": float(values.mean())}

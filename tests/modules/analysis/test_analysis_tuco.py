@@ -144,3 +144,28 @@ def test_ftc_scaler_cached_decoding_equals_recompute(models):
         again = decoding.generate(tuned, tokenizer, ["What is 2 + 3?"], max_new_tokens=6, use_cache=True)
         uncached = decoding.generate(tuned, tokenizer, ["What is 2 + 3?"], max_new_tokens=6, use_cache=False)
     assert cached == uncached == again
+
+
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_tuco_callback_logs_during_fit(tiny_module, tmp_path, with_lora):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from zoo.datamodules import SFTDataModule
+    from zoo.modules.adapters import LoRA
+    from zoo.modules.analysis import TuCoCallback
+
+    module = tiny_module(lr=5e-2, **({"adapter": LoRA(r=4)} if with_lora else {}))
+    data = SFTDataModule(dataset="chain_sum", tokenizer="tiny-llama", num_train=8, num_val=2, num_test=2,
+                         max_length=128, batch_size=2)
+    callback = TuCoCallback(probes=["What is 2 + 3?", "hi"], every_n_steps=2)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=CSVLogger(tmp_path),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[callback])
+    trainer.fit(module, datamodule=data)
+    steps = [step for step, _ in callback.history]
+    assert steps == [2, 4, 5]  # every 2 optimizer steps, and at the end of fit
+    values = [v for _, v in callback.history]
+    assert all(0.0 < v < 1.0 for v in values)  # fine-tuning moved the blocks, but is not everything
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "tuco/mean" in metrics
