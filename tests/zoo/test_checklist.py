@@ -122,3 +122,31 @@ def test_analyze_checklist_on_the_tiny_backbone(tmp_path):
     assert deltas and all(d == 0 for d in deltas)  # timings (efficiency) differ run to run
     assert record["contamination"] and all(r["train"] == "configs/sft.yaml" for r in record["contamination"])
     assert (tmp_path / "checklist.png").exists()
+
+
+def test_no_delta_against_a_base_with_another_tokenizer_or_template():
+    class Tok:
+        def __init__(self, size, template):
+            self.size, self.chat_template = size, template
+
+        def __len__(self):
+            return self.size
+
+    class Model:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+    same, other = cl.pairing_key(Model(Tok(10, "a"))), cl.pairing_key(Model(Tok(10, "b")))
+    assert same == cl.pairing_key(Model(Tok(10, "a"))) and same != other
+    task = cl.ChecklistTask("a", cl.EvalAxis.UTILITY, lambda n: [], lambda m, i: {}, ("m",))
+    result = {
+        "suite": [task],
+        "not_applicable": {},
+        "pairing": {"base": same, "tuned": other},
+        "scores": {"base": {"a": {"m": [0.0, 1.0]}}, "tuned": {"a": {"m": [1.0, 1.0]}}},
+    }
+    rows = cl.summarize(result, base="base")
+    assert not any("delta_delta" in r for r in rows)
+    assert any(r["model"] == "tuned" and r["task"] == "no delta" for r in rows)
+    result["pairing"]["tuned"] = same
+    assert any(r.get("delta_delta") == 0.5 for r in cl.summarize(result, base="base"))

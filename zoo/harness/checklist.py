@@ -383,14 +383,53 @@ def run_suite(
         name: {task.name: task.score(module, items[task.name]) for task in suite}
         for name, module in models.items()
     }
-    return {"suite": suite, "items": items, "scores": scores, "not_applicable": not_applicable}
+    pairing = {name: pairing_key(module) for name, module in models.items()}
+    return {
+        "suite": suite,
+        "items": items,
+        "scores": scores,
+        "not_applicable": not_applicable,
+        "pairing": pairing,
+    }
+
+
+def pairing_key(module) -> str:
+    """What must match for a paired delta: tokenizer (class, vocabulary size, chat template) and the suite's
+    fixed decoding (greedy, per-task max_new_tokens, no system prompt)."""
+    import hashlib
+
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        return "unknown"
+    template = getattr(tokenizer, "chat_template", None) or ""
+    digest = hashlib.sha1(str(template).encode()).hexdigest()[:12]
+    return f"{type(tokenizer).__name__}/{len(tokenizer)}/{digest}/greedy"
 
 
 def summarize(result: dict[str, Any], base: str | None = None, resamples: int = 1000) -> list[dict[str, Any]]:
     """Rows of mean ± bootstrap CI per (model, axis, task, metric) and per (model, axis) over the headline
-    metrics' items; with ``base``, paired deltas vs the base on the same items."""
+    metrics' items; with ``base``, paired deltas vs the base on the same items, only for models whose
+    :func:`pairing_key` (tokenizer, chat template, decoding) equals the base's (else a "no delta" row)."""
     rows = []
+    pairing = result.get("pairing") or {}
     for model, per_task in result["scores"].items():
+        if base and model != base and pairing.get(model) != pairing.get(base):
+            rows.append(
+                {
+                    "model": model,
+                    "axis": "-",
+                    "task": "no delta",
+                    "n": 0,
+                    "mean": None,
+                    "low": None,
+                    "high": None,
+                    "metric": f"tokenizer/template differ from {base}: "
+                    f"{pairing.get(model)} vs {pairing.get(base)}",
+                }
+            )
+            paired_base = None
+        else:
+            paired_base = base
         axis_values: dict[str, list[float]] = {}
         axis_base: dict[str, list[float]] = {}
         for task in result["suite"]:
@@ -406,7 +445,9 @@ def summarize(result: dict[str, Any], base: str | None = None, resamples: int = 
                     "high": high,
                     "n": len(values),
                 }
-                base_values = result["scores"][base][task.name][metric] if base and model != base else None
+                base_values = (
+                    result["scores"][base][task.name][metric] if paired_base and model != base else None
+                )
                 if base_values is not None and len(base_values) == len(values) and values:
                     row.update(
                         {
