@@ -300,6 +300,10 @@ class CPTModule(ClassificationModule):
         return self.verbalizer.score(self.forward_hidden, self.lm_head_weight(), prompts,
                                      self.tokenizer.pad_token_id)
 
+    def render(self, prompts: list[str]) -> list[list[int]]:
+        """CPT reads raw input texts in its own template: score_prompts and predict_labels take texts."""
+        return [self.query(text, None)[0] for text in prompts]
+
     def export_init_args(self, merged: bool = False) -> dict[str, Any]:
         args = super().export_init_args(merged)
         args["context"] = list(self.context or [])

@@ -145,3 +145,13 @@ def test_zero_deltas_score_like_plain_icl_with_the_same_context_string():
         expected = plain.verbalizer.score(plain.forward_hidden, plain.lm_head_weight(), [ctx_ids + query],
                                           plain.tokenizer.pad_token_id)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_score_prompts_reads_raw_texts_in_the_cpt_template():
+    torch.manual_seed(0)
+    cpt = CPTModule(model="tiny-llama", labels=["yes", "no"], context=[{"text": "good", "label": "yes"}],
+                    export=False, max_context_tokens=64)
+    with torch.no_grad():
+        direct = cpt.label_scores({"text": ["fine", "awful"]})
+    assert torch.allclose(cpt.score_prompts(["fine", "awful"], calibrated=False), direct, atol=1e-6)
+    assert cpt.predict_labels(["fine"])[0] in ("yes", "no")
