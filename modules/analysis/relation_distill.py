@@ -179,7 +179,9 @@ class TokenRelationDistillation(Callback):
             margin: m, the TRD tolerance (paper 0.1).
             teacher: ``base``: a frozen copy of the backbone at fit start; ``minilm``: all-MiniLM-L6-v2.
             teacher_layer: block of the ``base`` teacher (default: ``layer``); MiniLM uses its last layer.
-            projector_width: hidden width of the 3-layer projector MLP (paper 2048).
+            projector_width: hidden width of the 3-layer projector MLP (paper 2048); 0: no projector (block
+                ℓ's states enter the relations directly: relations are width-free, and with the ``base``
+                teacher at its own block the term starts at exactly 0).
             loss: ``trd`` (token relations, the paper) or ``repa`` (token-wise cosine, the baseline).
             tokens: ``response`` (labels != -100, the spec's LLM setting) or ``all`` real tokens.
             block_size: rows of the relation matrices computed at once (memory bound).
@@ -224,11 +226,18 @@ class TokenRelationDistillation(Callback):
             out = self.teacher.hidden_size
         self.teacher.requires_grad_(False).eval()
         param = next(model.parameters())
-        projector = AlignmentProjector(backbone.hidden_size(model), out, self.projector_width)
+        if self.projector_width > 0:
+            projector = AlignmentProjector(backbone.hidden_size(model), out, self.projector_width)
+        else:
+            if self.loss == "repa" and out != backbone.hidden_size(model):
+                raise ConfigError("relation_distill loss=repa matches features token-wise: the teacher "
+                                  f"width {out} differs from the model's {backbone.hidden_size(model)}; set "
+                                  "projector_width > 0")
+            projector = nn.Identity()
         pl_module.add_auxiliary_module(PROJECTOR_NAME, projector.to(device=param.device, dtype=param.dtype))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        param = next(getattr(pl_module, PROJECTOR_NAME).parameters())
+        param = next(pl_module.parameters())
         self.teacher.to(device=param.device, dtype=param.dtype)
         self._handle = backbone.decoder_layers(pl_module.model)[self.student_index].register_forward_hook(
             self._capture)

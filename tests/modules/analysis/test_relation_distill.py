@@ -157,3 +157,25 @@ def test_one_callback_serves_two_fits_with_their_own_projectors(tiny_module, tin
     fit_tiny(second, tiny_data(), callbacks=[callback], max_steps=1)
     assert getattr(first, PROJECTOR_NAME) is not getattr(second, PROJECTOR_NAME)
     assert all(p.grad is not None for p in getattr(second, PROJECTOR_NAME).parameters())
+
+
+def test_without_projector_the_base_teacher_term_starts_at_zero_and_the_first_step_is_plain_sft(
+        tiny_module, tiny_data, fit_tiny):
+    """Spec check (regulariser does no harm): block ℓ of the model vs the same block of its frozen copy gives
+    identical relations at step 0, so TRD = 0 with zero gradient and one step equals plain SFT's bitwise."""
+    from lightning.pytorch import Callback
+
+    class Record(Callback):
+        values: list = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.values.append(float(trainer.callback_metrics["train/aux/trd"]))
+
+    plain, distilled = tiny_module(), tiny_module()
+    fit_tiny(plain, tiny_data(), max_steps=1)
+    record = Record()
+    callback = TokenRelationDistillation(layer=1, projector_width=0)
+    fit_tiny(distilled, tiny_data(), callbacks=[callback, record], max_steps=1)
+    assert record.values == [0.0]
+    for (name, a), (_, b) in zip(plain.named_parameters(), distilled.named_parameters()):
+        assert torch.equal(a, b), name
