@@ -221,3 +221,18 @@ def test_the_loop_never_executes_generated_code_in_this_process(monkeypatch):
         marked = loop.executor.run([marker])
     assert ran == [2, 1] and stats["leti/iteration"] == 0.0
     assert marked[0].passed and not hasattr(builtins, "LETI_RAN_HERE")
+
+
+def test_a_resumed_loop_trains_on_the_checkpointed_iteration_not_a_new_sample(fit_tiny):
+    module, data = policy(), problems()
+    first = LeTILoop(samples_per_problem=2, max_new_tokens=8, executor=FakeExecutor())
+    first.iterate(module, data)
+    resumed = LeTILoop(samples_per_problem=2, max_new_tokens=8, executor=FakeExecutor(), seed=5)
+    resumed.load_state_dict(first.state_dict())
+    calls: list[int] = []
+    resumed.sample = lambda *args: calls.append(1) or []
+    again = problems()
+    fit_tiny(module, again, callbacks=[resumed], max_steps=1)
+    assert not calls and resumed.iteration == 1
+    rows = [r["input_ids"] for r in again.encoded["train"].rows]
+    assert rows == [r["input_ids"] for r in data.encoded["train"].rows]
