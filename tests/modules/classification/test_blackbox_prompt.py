@@ -77,3 +77,49 @@ def test_reliable_set_keeps_ceil_rho_per_predicted_class_by_confidence():
 def test_candidate_vocabulary_by_frequency():
     texts = ["The goal was late, the goal!", "A late rain and rain and rain."]
     assert candidate_vocabulary(texts, 3, frozenset({"the", "and"})) == ["rain", "goal", "late"]
+
+
+# ---------------------------------------------------------------------------- the learner on a tiny LM
+def test_learner_never_runs_backward_through_the_lm_and_never_shows_a_query_its_own_demo(tmp_path):
+    """The LM's parameters are made to require grad and carry hooks that record any gradient; after training
+    none fired, none holds a .grad, all are bitwise unchanged, while theta moved. Every black-box input's
+    demonstrations exclude the query, and re-labelling extends the pool without touching the reliable set."""
+    import lightning as L
+
+    from zoo.datamodules.classification import ClassificationDataModule
+    from zoo.modules.classification.blackbox_prompt import DiscretePromptAdapter, UnsupervisedPromptLearner
+
+    data = ClassificationDataModule(dataset="sentiment_hard", tokenizer="tiny-llama", num_train=40, num_val=4,
+                                    num_test=4, batch_size=4, max_length=512, shots_per_class=2,
+                                    num_unlabeled=16)
+    module = UnsupervisedPromptLearner(model="tiny-llama", lr=0.5, export=False, samples=3, queries=2,
+                                       demos=2, rho=0.5, relabel_every=2,
+                                       adapter=DiscretePromptAdapter(prompt_length=2, vocab_size=6))
+    fired: list[str] = []
+    for name, param in module.model.named_parameters():
+        param.requires_grad_(True)
+        param.register_hook(lambda grad, name=name: fired.append(name))
+    before = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    theta_before = module.adapter.distribution.logits.detach().clone()
+    leaks: list[tuple[int, list[int]]] = []
+    render = module.render_input
+
+    def spy(index, prompt, demos, words):
+        if index is not None and index in demos:
+            leaks.append((index, demos))
+        return render(index, prompt, demos, words)
+
+    module.render_input = spy
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert not fired, f"a gradient reached the LM: {fired[:4]}"
+    assert all(p.grad is None for p in module.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())
+    assert not torch.equal(module.adapter.distribution.logits.detach(), theta_before)
+    assert not leaks
+    reliable_labels = {i: module.pseudo[i] for i in module.reliable}
+    assert len(module.pseudo) == len(module.texts) > len(module.reliable)  # re-labelled at step 2
+    module.relabel()
+    assert {i: module.pseudo[i] for i in module.reliable} == reliable_labels
