@@ -2,7 +2,8 @@
 the base and every checkpoint through one frozen :class:`RAGTask` and report paired deltas vs the base.
 
 Fine-tuning data: the first n pool items (a fixed order), ``question -> answer`` written to a JSONL file
-(``ft_with_context``: the question inside the same RAG prompt, its retrieved context included). The training
+(``ft_with_context``: the question inside the same RAG prompt, its retrieved context included), rendered
+with the pipeline's system line. The training
 budget is fixed across n in epochs (``epochs``; or ``max_steps`` when given), with the config's own lr.
 The base is the first config's module before it trains (for adapters: the identity initialisation).
 """
@@ -54,6 +55,8 @@ def run_study(config: str | Path, sizes: tuple[int, ...] = (200, 500, 1000),
                 "--data.init_args.num_test", "0", "--trainer.limit_val_batches", "0",
                 "--trainer.num_sanity_val_steps", "0", "--trainer.max_epochs", str(epochs),
                 "--trainer.max_steps", str(max_steps if max_steps is not None else -1)]
+        if task.system_prompt:  # the fine-tuning rows carry the evaluation's system line
+            argv += ["--data.init_args.system_prompt", task.system_prompt]
         if model is not None:
             argv += ["--model.init_args.model", model]
         cli = build_cli(argv + list(overrides), run_dir=out / "runs" / f"n{n}")
