@@ -34,7 +34,14 @@ from lightning.pytorch.callbacks import Callback
 
 from zoo import backbone, tasks
 from zoo.chat import render_prompt_ids
-from zoo.datamodules.code import INSTRUCTION, CodeDataModule, build_program, pass_at_k
+from zoo.datamodules.code import (
+    INSTRUCTION,
+    CodeDataModule,
+    build_program,
+    humaneval_problems,
+    pass_at_k,
+    synthetic_code_tasks,
+)
 from zoo.datamodules.sft import (
     SEGMENT_ANSWER,
     SEGMENT_PROMPT,
@@ -241,12 +248,11 @@ class LeTIDataModule(CodeDataModule):
 
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
         hp = self.hparams
-        if hp.dataset == SYNTHETIC:
-            self.hparams["dataset"] = "humaneval"
-            try:
-                return super().load_records()
-            finally:
-                self.hparams["dataset"] = SYNTHETIC
+        if hp.dataset == SYNTHETIC:  # as CodeDataModule: synthetic train / val functions, HumanEval test
+            train = synthetic_code_tasks(hp.num_train, seed=hp.seed)
+            names = {r["entry_point"] for r in train}
+            val = synthetic_code_tasks(hp.num_val, seed=hp.seed + 1, exclude=names)
+            return {"train": train, "val": val, "test": humaneval_problems(hp.num_test)}
         if not tasks.is_builtin_task(hp.dataset):
             raise DataError(f"LeTIDataModule: unknown dataset {hp.dataset!r}; use {SYNTHETIC} or a built-in "
                             "task (chain_sum, ...)")
