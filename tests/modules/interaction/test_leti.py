@@ -236,3 +236,22 @@ def test_a_resumed_loop_trains_on_the_checkpointed_iteration_not_a_new_sample(fi
     assert not calls and resumed.iteration == 1
     rows = [r["input_ids"] for r in again.encoded["train"].rows]
     assert rows == [r["input_ids"] for r in data.encoded["train"].rows]
+
+
+def test_a_lora_policy_reloads_with_the_same_tokens_and_outputs(tmp_path):
+    """Frozen backbone (peft export): the reload adds the tokens again and rebuilds the same mean rows."""
+    import zoo
+    from zoo.modules.adapters import LoRA
+
+    module = FeedbackConditionedLM(model="tiny-llama", export=False, adapter=LoRA(r=4))
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1)
+    module.export(tmp_path)
+    loaded = zoo.load(tmp_path)
+    ids = loaded.tokenizer(BAD + "def f():", return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == 259
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    module.eval()
+    torch.testing.assert_close(loaded(batch).hidden, module(batch).hidden)
