@@ -47,14 +47,20 @@ def _minilm():
     return SentenceTransformer(str(minilm_folder()), device="cpu")
 
 
-def minilm_encoder(batch_size: int = 64) -> Encoder:
-    """all-MiniLM-L6-v2 (loaded once per process), L2-normalised float32 embeddings, batched."""
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 (loaded once per process), L2-normalised float32 embeddings, batched (picklable)."""
 
-    def encode(texts: Sequence[str]) -> np.ndarray:
-        return _minilm().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+    def __init__(self, batch_size: int = 64) -> None:
+        self.batch_size = batch_size
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return _minilm().encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
-    return encode
+
+def minilm_encoder(batch_size: int = 64) -> Encoder:
+    """The MiniLM encoder as a callable ``texts -> (N, 384)``."""
+    return MiniLMEncoder(batch_size)
 
 
 class EmbeddingCache:

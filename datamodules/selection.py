@@ -61,6 +61,11 @@ class DataSelector:
         self.scores: np.ndarray | None = None
         self._keys: list[str] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (checkpoint hyper-parameters) without the per-run state: scores, target, embeddings."""
+        transient = {"scores", "_keys", "target", "_embedder"}
+        return {k: (None if k in transient else v) for k, v in self.__dict__.items()}
+
     def set_target(self, texts: Sequence[str]) -> None:
         """The target sample the selection should serve (ignored by target-agnostic selectors)."""
         self.target = list(texts)

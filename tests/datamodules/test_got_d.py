@@ -170,3 +170,13 @@ def test_selected_subset_datamodule_prepends_the_selection(tmp_path):
     served = [int(i) for batch in batches for i in batch["index"]]
     assert set(served[:8]) == stage1_ids and not set(served[8:]) & stage1_ids
     assert len(served) == 8 + len(data.encoded["train"])
+
+
+def test_a_used_selector_pickles_without_its_embeddings():
+    import pickle
+
+    pool, target = two_region_pool()
+    selector = gotd_fake(eps=0.05)
+    selector.choose(pool, target, 10)
+    clone = pickle.loads(pickle.dumps(selector))  # Lightning saves the DataModule's hparams (the selector)
+    assert clone.eps == 0.05 and clone._embedder is None and clone.scores is None
