@@ -40,9 +40,8 @@ SFT_DATA = ["--data.init_args.dataset", "chain_sum", "--data.init_args.num_train
             "--data.init_args.eval_batch_size", "4"]
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
            "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
-           "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-           "--trainer.enable_checkpointing", "false"]
-STATEFUL = {"sft", "qtuning", "sstoken", "masked_thought", "hft", "lt_sft", "greentrainer", "dsee", "lemo",
+           "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false"]
+STATEFUL = {"sft", "relation_distill", "qtuning", "sstoken", "masked_thought", "hft", "lt_sft", "greentrainer", "dsee", "lemo",
             "promot", "panda", "tl_training", "stability", "caft"}
 
 
@@ -77,11 +76,15 @@ def build(name: str, root: Path, steps: int, extra: tuple[str, ...] = (), checkp
     from zoo.cli import lightning_main
 
     config = registry.get(name).config_path
-    trainer = TRAINER[:-2] if checkpointing else TRAINER
-    args = ["--config", str(config), "--model.init_args.model", "tiny-llama", *data_args(name), *trainer,
+    args = ["--config", str(config), "--model.init_args.model", "tiny-llama", *data_args(name), *TRAINER,
             "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(root),
             "--seed_everything", "0", *extra]
-    return lightning_main(args, run=False)
+    cli = lightning_main(args, run=False)
+    if not checkpointing:  # periodic checkpoints are not what these rows check (the resume row adds its own)
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+    return cli
 
 
 def held_tensors(obj, seen: set[int] | None = None, depth: int = 0):
