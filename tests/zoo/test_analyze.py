@@ -237,3 +237,23 @@ def test_urial_shift_of_a_urial_export_uses_the_prefix_switched_off(tmp_path):
     record = json.loads((tmp_path / "urial-shift.json").read_text())
     assert record["shared_backbone"] is True and record["positions"] > 0
     assert record["mean_kl"] > 1e-6  # the prefix changes the distribution the base model predicts
+
+
+def test_tuco_steering_endpoints_are_the_tuned_and_the_base_generation(lora_export, tmp_path):
+    """--alphas: alpha = 1 completes like the LoRA run, alpha = 0 like the plain backbone (cached decoding
+    with the scaler's hooks and the base blocks' own KV cache)."""
+    from zoo.harness.generation import generate_for_module
+    from zoo.harness.load import load_run
+    from zoo.modules import CausalLMModule
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 2 + 3?\nName a colour.\n")
+    assert main(["tuco", "--tuned", str(lora_export), "--prompts", str(prompts), "--alphas", "1,0",
+                 "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
+    steering = json.loads((tmp_path / "tuco.json").read_text())["steering"]
+    texts = ["What is 2 + 3?", "Name a colour."]
+    tuned = generate_for_module(load_run(lora_export), texts, max_new_tokens=8)
+    base = generate_for_module(CausalLMModule(model="tiny-llama", export=False), texts, max_new_tokens=8)
+    assert tuned != base
+    assert [s["completion"] for s in steering if s["alpha"] == 1.0] == tuned
+    assert [s["completion"] for s in steering if s["alpha"] == 0.0] == base

@@ -23,7 +23,8 @@ import torch
 
 from zoo.errors import ConfigError
 from zoo.harness.analyze.common import Report, add_model_arguments, format_table, load_pair, new_figure
-from zoo.modules.analysis.tuco import encode_prompts, module_tuco, tuco
+from zoo.harness.generation import generate_for_module
+from zoo.modules.analysis.tuco import BlockPair, FTCScaler, encode_prompts, module_tuco, tuco
 
 HELP = "Tuning Contribution: per-layer pre-training/fine-tuning components and TuCo per prompt (spec 10)."
 
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts fed as raw text (no chat template); repeatable")
     parser.add_argument("--system-prompt", default=None, help="system prompt for the chat rendering")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--alphas", default=None,
+                        help="FTC steering: comma list of alpha (e.g. 0,0.5,1,1.5); the first "
+                             "--steer-prompts chat prompts are completed greedily with the fine-tuning "
+                             "component scaled by each")
+    parser.add_argument("--steer-prompts", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
 
 
 def read_prompts(path: str, chat: bool) -> list[tuple[str, str, bool]]:
@@ -135,7 +142,37 @@ def run(args: argparse.Namespace) -> Report:
         ax_prompts.scatter([position] * len(groups[name]), groups[name], alpha=0.7)
     ax_prompts.set_xticks(range(len(names)), names)
     ax_prompts.set(ylabel="TuCo", ylim=(0, 1), title="TuCo per prompt")
+    steering = steer(pair, [p for _, p, chat in items if chat][: args.steer_prompts], args)
+    if steering:
+        cells = [[s["alpha"], s["prompt"][:32], s["completion"][:60].replace("\n", " ")] for s in steering]
+        table += "\n\n" + format_table(["alpha", "prompt", "completion"], cells)
     record = {"base": pair.names[0], "tuned": pair.names[1], "shared_backbone": pair.shared, "norm": "L1",
               "position": "last prompt token", "groups": summary,
-              "layers": {"ptc_l1": ptc_mean, "ftc_l1": ftc_mean}, "prompts": records}
+              "layers": {"ptc_l1": ptc_mean, "ftc_l1": ftc_mean}, "prompts": records, "steering": steering}
     return Report(table, record, fig)
+
+
+def parse_alphas(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--alphas {text!r}: expected numbers separated by commas, e.g. 0,0.5,1") from err
+
+
+def steer(pair, prompts: list[str], args: argparse.Namespace) -> list[dict]:
+    """Greedy completions of ``prompts`` by the tuned module with its FTC scaled by each alpha
+    (:class:`~zoo.modules.analysis.tuco.FTCScaler`, through the module's own generation)."""
+    alphas = parse_alphas(args.alphas)
+    if not alphas or not prompts:
+        return []
+    module = pair.module
+    blocks = BlockPair.for_module(module, pair.separate_base)
+    rows = []
+    for alpha in alphas:
+        with FTCScaler(alpha).applied(blocks):
+            outputs = generate_for_module(module, prompts, max_new_tokens=args.max_new_tokens,
+                                          system_prompt=args.system_prompt)
+        rows += [{"alpha": alpha, "prompt": p, "completion": c} for p, c in zip(prompts, outputs)]
+    return rows
