@@ -180,3 +180,38 @@ def test_a_used_selector_pickles_without_its_embeddings():
     selector.choose(pool, target, 10)
     clone = pickle.loads(pickle.dumps(selector))  # Lightning saves the DataModule's hparams (the selector)
     assert clone.eps == 0.05 and clone._embedder is None and clone.scores is None
+
+
+def test_two_stage_iterator_resumes_at_the_same_position():
+    sampler = TwoStageSampler(list(range(10)), stage1=4, stage1_epochs=1, seed=3)
+    first = iter(sampler)
+    served = [next(first) for _ in range(5)]
+    state = first.state_dict()
+    resumed = iter(TwoStageSampler(list(range(10)), stage1=4, stage1_epochs=1, seed=3))
+    resumed.load_state_dict(state)
+    assert served + list(resumed) == list(iter(sampler))
+
+
+def hashed_trigrams(texts):
+    """A cheap bag-of-character-trigrams embedding (64 buckets), unit-normalised."""
+    import zlib
+
+    out = np.zeros((len(texts), 64))
+    for row, text in enumerate(texts):
+        for i in range(len(text) - 2):
+            out[row, zlib.crc32(text[i:i + 3].encode()) % 64] += 1.0
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_gotd_stage_one_draws_on_the_target_task_more_than_random_does():
+    def data(selector):
+        module = SelectedSubsetDataModule(dataset="chain_sum", tokenizer="tiny-llama", num_train=16,
+                                          num_val=2, num_test=2, max_length=256, batch_size=4,
+                                          selector=selector, budget=12, pool_size=240, target_size=16,
+                                          text_chars=0)
+        module.setup("fit")
+        return sum("arithmetic problem" in text for text in module.selected)
+
+    gotd = GOTDSelector(eps=0.05)
+    gotd._embedder = EmbeddingCache(hashed_trigrams, None)
+    assert data(gotd) >= 8 > data(RandomSelector(seed=0))  # the pool holds 20 chain_sum texts of 240
