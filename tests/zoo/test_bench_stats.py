@@ -114,3 +114,28 @@ def test_per_item_nll_sums_to_the_split_nll(tiny_module, tiny_data):
     with torch.no_grad():
         hf = float(module.model(input_ids=ids, labels=labels).loss) * n
     assert result["per_item"][3] == (pytest.approx(hf, rel=1e-5), n)
+
+
+def test_report_without_items_has_no_error_bar_source_and_names_mixed_commits(tmp_path):
+    """Old records (no items files): no comparison columns, a seed interval only with >= 2 seeds, and a
+    table mixing commits says so."""
+    from zoo.harness.bench.report import markdown, summarize
+    from zoo.harness.bench.stats import attach_comparisons
+
+    def record(method, seed, em, commit):
+        return {"method": method, "seed": seed, "backbone": "b", "budget": {"limit": 2}, "main_metric": "em",
+                "metrics": {"em": em, "nll": 1.0}, "git_commit": commit}
+
+    records = [record("sft", 0, 0.5, "aaa"), record("lora", 0, 0.25, "bbb"), record("lora", 1, 0.75, "bbb")]
+    rows = summarize(records)
+    assert attach_comparisons(rows, records, tmp_path, None) == "sft"
+    by_name = {r["method"]: r for r in rows}
+    assert by_name["sft"]["ci"]["em"] is None  # one seed, no items: nothing to estimate an interval from
+    low, high, items, seeds = by_name["lora"]["ci"]["em"]
+    half = 1.96 * np.std([0.25, 0.75], ddof=1) / np.sqrt(2)
+    assert (low, high, items, seeds) == (pytest.approx(0.5 - half), pytest.approx(0.5 + half), 0, 2)
+    assert by_name["lora"]["compare"] == {}
+    for row in rows:
+        row["reference"] = "sft"
+    table = markdown(rows)
+    assert "vs sft" not in table and "Rows come from 2 commits (aaa, bbb)" in table

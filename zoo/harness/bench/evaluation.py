@@ -31,6 +31,7 @@ from zoo.harness.bench.records import (
     log,
     record_key,
 )
+from zoo.harness.bench.rerun import resolved_config
 from zoo.harness.generation import generate_for_module
 
 
@@ -81,6 +82,7 @@ def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: 
               "seed": None, "budget": budget(args, 0)}
     if record_key(record) in done:
         return
+    record["resolved_config"] = resolved_config(cli)  # the data and backbone it was evaluated on
     log(f"base ({name}): evaluating the untuned backbone ...")
     reset_peak_rss()
     module = CausalLMModule(model=name, export=False)

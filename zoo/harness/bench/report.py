@@ -85,6 +85,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if compared:
             cells += comparison_cells(r, first)
         lines.append("| " + " | ".join(cells) + " |")
+    commits = sorted({c for r in rows for c in r.get("commits", [])})
+    if len(commits) > 1:  # a table should come from one commit (issue 13): say when it does not
+        lines += ["", f"Rows come from {len(commits)} commits ({', '.join(c[:12] for c in commits)}): "
+                  "regenerate them at one commit (zoo bench --rerun rebuilds a row from its record)."]
     if compared:
         lines += ["", f"Δ: paired difference to `{reference}` (row - reference) over the items both scored "
                   "(n = items × seeds), 95 % percentile bootstrap interval resampling seeds, then items; "

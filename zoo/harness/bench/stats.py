@@ -216,6 +216,7 @@ def attach_comparisons(rows: list[dict[str, Any]], records: list[dict[str, Any]]
         if key not in groups:
             continue
         group = groups[key]
+        row["commits"] = sorted({str(r.get("git_commit")) for r in group})
         metric = row.get("main_metric")
         row["ci"] = {m: row_interval(out, group, m) for m in (metric, "nll") if m}
         if reference and row["method"] != reference:
