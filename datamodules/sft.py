@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from zoo import backbone, tasks
 from zoo.chat import render_prompt_ids  # noqa: F401  (re-exported: data and decoding render alike)
-from zoo.errors import ZooError
+from zoo.errors import ZooError, check_range, did_you_mean
 from zoo.kernels.selected_ce import IGNORE_INDEX
 
 SEGMENT_PAD, SEGMENT_PROMPT, SEGMENT_REASONING, SEGMENT_ANSWER = 0, 1, 2, 3
@@ -178,36 +179,64 @@ class EncodedDataset(Dataset):
 def read_local(path: Path) -> list[dict[str, Any]]:
     """Rows of a local JSON / JSONL / Parquet / CSV file."""
     if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist; check `data.init_args.dataset`")
+        siblings = [str(p) for p in path.parent.glob("*")] if path.parent.is_dir() else []
+        raise DataError(f"data file {str(path)!r} does not exist{did_you_mean(str(path), siblings)}; check "
+                        "`data.init_args.dataset`")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; name a .jsonl/.json/.parquet/.csv file in it")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}: line {number} is not UTF-8 (byte {err.start}: {raw[err.start:][:4]!r}); "
+                                    "re-save the file as UTF-8") from err
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(_object_row(json.loads(line), path, "line", number))
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}: line {number} is not valid JSON ({err.msg}); fix or delete that line"
                                     ) from err
         return rows
+    if suffix in (".json", ".csv"):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}: line {line} is not UTF-8; re-save the file as UTF-8") from err
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        return data
+        return [_object_row(row, path, "row", number) for number, row in enumerate(data, start=1)]
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle))
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     if suffix == ".parquet":
         import datasets
 
         return list(datasets.Dataset.from_parquet(str(path)))
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _object_row(row: Any, path: Path, unit: str, number: int) -> dict[str, Any]:
+    """``row`` if it is a JSON object, else a :class:`DataError` naming the file and the row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: {unit} {number} is a JSON {type(row).__name__}, not an object; write each row "
+                        "as {\"prompt\": ..., \"response\": ...}")
+    return row
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` (one slash, no file suffix, not a local path): only these fall back to the hub."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and Path(name).suffix.lower() not in LOCAL_SUFFIXES)
 
 
 def read_hub(dataset_id: str, split: str, config: str | None) -> list[dict[str, Any]]:
@@ -270,6 +299,10 @@ class SFTDataModule(L.LightningDataModule):
                 so repeated seeds of a bench vary the order while the data stays fixed.
         """
         super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("max_length", max_length, 1), ("num_val", num_val, 0), ("num_test", num_test, 0),
+                                 ("num_workers", num_workers, 0)):
+            check_range(f"data.init_args.{name}", value, low, hint=f"use an integer >= {low}")
         self.save_hyperparameters()
         self.fields = {"prompt": "prompt", "response": "response", "answer": "answer", **(fields or {})}
         self.tokenizer = backbone.load_tokenizer(tokenizer)
@@ -290,12 +323,18 @@ class SFTDataModule(L.LightningDataModule):
             sources.setdefault("train", str(local))
             raw = {split: read_local(Path(src).expanduser()) for split, src in sources.items()}
             origin = {split: src for split, src in sources.items()}
+        elif not looks_like_hub_id(hp.dataset) and not local.is_dir():
+            raise DataError(f"no built-in task, data file or folder named {hp.dataset!r}"
+                            f"{did_you_mean(hp.dataset, tasks.task_names())}; give a task (chain_sum, "
+                            "gsm_symbolic, ...), a .jsonl/.json/.parquet/.csv file or a hub id org/name")
         else:
             sources.setdefault("train", "train")
             raw = {split: read_hub(hp.dataset, src, hp.hub_config) for split, src in sources.items()}
             origin = {split: f"{hp.dataset}[{src}]" for split, src in sources.items()}
         records = {split: self._map_fields(rows, origin[split]) for split, rows in raw.items()}
         train = records["train"]
+        if not train:
+            raise DataError(f"{origin['train']}: no rows; the training data is empty")
         for split in ("test", "val"):  # carve missing held-out splits from the end of train
             if split not in records and sizes[split] > 0:
                 if len(train) <= sizes[split]:
@@ -311,7 +350,7 @@ class SFTDataModule(L.LightningDataModule):
     def _map_fields(self, rows: Iterable[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
         out, skipped = [], 0
         for number, row in enumerate(rows, start=1):
-            prompt, response = row.get(self.fields["prompt"]), row.get(self.fields["response"])
+            prompt, response = (_text(row.get(self.fields[name])) for name in ("prompt", "response"))
             problem = next((name for name, value in (("prompt", prompt), ("response", response))
                             if not isinstance(value, str) or not value.strip()), None)
             if problem is not None:
@@ -409,6 +448,11 @@ class SFTDataModule(L.LightningDataModule):
         records = self.records.get("test", [])
         return DataLoader(records, batch_size=self.hparams.eval_batch_size,
                           collate_fn=lambda rows: {"prompt_text": [r["prompt"] for r in rows]})
+
+
+def _text(value: Any) -> Any:
+    """A number in a prompt or response column is its text (``42`` -> ``"42"``); anything else unchanged."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def extract_final_answer(text: str) -> str:

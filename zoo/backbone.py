@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoo.errors import ZooError
+from zoo.errors import ZooError, did_you_mean
 
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
@@ -67,6 +67,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         name_or_path = str(smollm2_checkpoint())
     from transformers import AutoTokenizer
 
+    check_model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -78,16 +79,27 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def _load_pretrained(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(name_or_path).expanduser()
-    if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-        raise BackboneError(f"model folder {name_or_path!r} does not exist; pass a hub id, a local HF "
-                            f"folder, or one of the aliases {SMOLLM2!r}, {TINY_LLAMA!r}")
+    local = check_model_source(name_or_path)
+    if local is not None:
+        weights = [p for p in local.iterdir()
+                   if p.suffix in (".safetensors", ".bin") and "adapter" not in p.name]
+        if not weights:
+            raise BackboneError(f"{local} holds no model weights (model.safetensors); an adapter run's "
+                                "export loads with zoo.load(RUN_DIR), or pass the base model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except OSError as err:
+    except Exception as err:
+        if local is not None:  # a truncated or corrupt file in a local folder (or the zoo cache)
+            cached = local.resolve() == (cache_dir() / SMOLLM2).resolve()
+            fix = f"delete {local} to convert it again" if cached else "re-download or re-export it"
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise BackboneError(f"cannot load the model in {local}: {type(err).__name__}: {detail}; {fix}"
+                                ) from err
+        if not isinstance(err, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = (
             "HF_HUB_OFFLINE=1 is set, so only local folders and the hub cache are searched: "
@@ -102,6 +114,32 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, trust_remote_code: b
     fix_tokenizer(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def check_model_source(name_or_path: str) -> Path | None:
+    """The local model folder ``name_or_path`` names (checked: a folder with ``config.json``), or None for a
+    hub id (``org/name``, or a bare legacy name like ``gpt2``); a missing path or an alias typo is a
+    :class:`BackboneError` with the nearest alias."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            kind = ("a peft adapter (adapter_config.json): load it with zoo.load(RUN_DIR) or name its base "
+                    "model" if (local / "adapter_config.json").is_file()
+                    else "not an HF model folder (no config.json)")
+            raise BackboneError(f"model folder {str(local)!r} is {kind}")
+        return local
+    if local.exists():
+        raise BackboneError(f"model {name_or_path!r} is a file; pass an HF model folder, a hub id or an "
+                            "alias")
+    hint = did_you_mean(name_or_path, (SMOLLM2, TINY_LLAMA))
+    local_like = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if local_like:
+        raise BackboneError(f"model folder {name_or_path!r} does not exist; pass a local HF folder, a hub id "
+                            f"org/name or one of the aliases {SMOLLM2!r}, {TINY_LLAMA!r}")
+    if hint and "/" not in name_or_path:  # a typo of an alias: no hub look-up
+        raise BackboneError(f"no model alias or folder named {name_or_path!r}{hint}; pass a local HF "
+                            f"folder, a hub id org/name or one of the aliases {SMOLLM2!r}, {TINY_LLAMA!r}")
+    return None
 
 
 def fix_tokenizer(tokenizer) -> None:

@@ -65,6 +65,14 @@ def is_builtin_task(name: str) -> bool:
             and name in _require_reasoning_gym().factory.DATASETS)
 
 
+def task_names() -> list[str]:
+    """Every built-in task name (for "did you mean"): the zoo's own plus reasoning-gym's generators."""
+    names = list(RESPONSE_WRITERS)
+    if importlib.util.find_spec("reasoning_gym") is not None:
+        names += sorted(set(_require_reasoning_gym().factory.DATASETS) - set(names))
+    return names
+
+
 def generate_records(name: str, size: int, seed: int) -> tuple[list[Record], object]:
     """``size`` records of task ``name`` from seed ``seed``, and the reasoning-gym dataset (for scoring)."""
     rg = _require_reasoning_gym()

@@ -44,6 +44,22 @@ class ZooCLI(LightningCLI):
             sub = LightningArgumentParser(description=description)
             parser._subcommands_action.add_subcommand(name, sub, help=description)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """jsonargparse's errors as one :class:`~zoo.errors.UsageError` line (:mod:`zoo.harness.cli_errors`)
+        instead of the usage text and a ``Union`` dump."""
+        from jsonargparse import ArgumentError
+
+        from zoo.harness.cli_errors import explain_parse_error, join_negative_values
+
+        subcommands = getattr(parser, "_subcommands_action", None)
+        for sub in [parser, *(getattr(subcommands, "_name_parser_map", None) or {}).values()]:
+            sub.exit_on_error = False
+        try:
+            args = join_negative_values(list(args)) if isinstance(args, list) else args
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise explain_parse_error(str(err), parser) from err
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer")
 
@@ -52,6 +68,7 @@ class ZooCLI(LightningCLI):
         trainer = config["trainer"]
         if trainer.get("default_root_dir") is None:
             trainer["default_root_dir"] = self.run_dir or run_directory(config.get("config") or [])
+        add_step_checkpoints(trainer)
         if trainer.get("logger") in (None, True):
             from jsonargparse import Namespace
 
@@ -59,6 +76,27 @@ class ZooCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=trainer["default_root_dir"], name="", version=""),
             )
+
+
+#: the default checkpoint cadence (optimizer steps) when the config names no ModelCheckpoint
+CHECKPOINT_EVERY_N_STEPS = 50
+
+
+def add_step_checkpoints(trainer) -> None:
+    """Give a trainer config without a ``ModelCheckpoint`` one that saves every ``CHECKPOINT_EVERY_N_STEPS``
+    steps (the newest only) into ``<run dir>/checkpoints/``: a run preempted mid-epoch loses at most that
+    many steps. A config's own ``ModelCheckpoint`` (its ``every_n_train_steps``) or
+    ``trainer.enable_checkpointing: false`` replaces it."""
+    from jsonargparse import Namespace
+
+    if trainer.get("enable_checkpointing") is False or trainer.get("fast_dev_run"):
+        return
+    callbacks = list(trainer.get("callbacks") or [])
+    if any(str(getattr(c, "class_path", type(c).__name__)).endswith("ModelCheckpoint") for c in callbacks):
+        return
+    cadence = Namespace(every_n_train_steps=CHECKPOINT_EVERY_N_STEPS, save_top_k=1)
+    callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=cadence))
+    trainer["callbacks"] = callbacks
 
 
 class FinalCheckpoint(Callback):
@@ -99,11 +137,12 @@ def run_directory(config_files: list) -> str:
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True, run_dir: str | Path | None = None,
-                   extra_commands: dict[str, str] | None = None) -> ZooCLI:
+                   extra_commands: dict[str, str] | None = None, callbacks: list | None = None) -> ZooCLI:
     """Build the CLI from ``args``; ``run=False`` only instantiates (no subcommand; the harness drives fit).
 
     ``run_dir`` is the run directory when the config sets no ``trainer.default_root_dir`` (default: a new
-    ``runs/<config>/<timestamp>``); ``extra_commands`` are listed in ``--help`` (the top-level CLI's own)."""
+    ``runs/<config>/<timestamp>``); ``extra_commands`` are listed in ``--help`` (the top-level CLI's own);
+    ``callbacks`` join every trainer (``zoo fit``'s run state, :mod:`zoo.harness.run_state`)."""
     from zoo.datamodules import SFTDataModule  # noqa: F401  (registers the default classes)
     from zoo.modules import CausalLMModule
 
@@ -115,7 +154,8 @@ def lightning_main(args: list[str] | None = None, run: bool = True, run_dir: str
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [FinalCheckpoint(), PredictionsWriter()]},
+        trainer_defaults={"callbacks": [FinalCheckpoint(), PredictionsWriter(), *(callbacks or [])]},
+        save_config_kwargs={"overwrite": True},  # a resume into its own run dir rewrites the same config
         parser_kwargs={"prog": "zoo", "parser_mode": "omegaconf"} if _has_omegaconf() else {"prog": "zoo"},
         args=args,
         run=run,
