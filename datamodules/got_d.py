@@ -25,6 +25,7 @@ target-side log-sum-exp (|target| numbers) per iteration; the candidate potentia
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,8 +62,12 @@ def sinkhorn_potentials(cost: torch.Tensor, eps: float, max_iter: int = 2000, to
     m, n = cost.shape
     a = torch.full((m,), 1.0 / m, dtype=cost.dtype) if a is None else a
     b = torch.full((n,), 1.0 / n, dtype=cost.dtype) if b is None else b
-    _, log = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=max_iter,
-                         stopThr=tol * float(torch.linalg.norm(b)), log=True, warn=False)
+    threshold = tol * float(torch.linalg.norm(b))
+    _, log = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=max_iter, stopThr=threshold,
+                         log=True, warn=False)
+    if log["err"] and float(log["err"][-1]) > threshold:
+        warnings.warn(f"GOT-D Sinkhorn stopped at max_iter={max_iter} with marginal error "
+                      f"{float(log['err'][-1]):.2e} > {threshold:.2e}: raise max_iter or eps", stacklevel=2)
     return eps * log["log_u"], eps * log["log_v"]
 
 
