@@ -20,6 +20,10 @@ fine-tuning distribution, and map the model's answer back.
 ``LabelScaleTransform``      the synthetic regression transform: every label ``y = v`` in the prompt is scaled
                              by ``gamma``; ``map_answer`` divides the output's first number by ``gamma`` (6
                              significant digits).
+``regression_prompt`` / ``parse_regression_prompt`` / ``bayes_prediction``  the synthetic study (part A):
+                             in-context linear regression prompts as text, and the Bayes-optimal prediction
+                             under a mixture prior (discrete task set with probability alpha, else N(0, I)),
+                             what a pretrained (alpha) or fine-tuned (alpha -> 1) transformer approximates.
 ``ICLvsIFData``              the repo's ICL-vs-instruction-following probe (capitalise / repeat x
                              arithmetic / fill-in-the-blank, 2 demos, seeded), scored by prefix match of the
                              ICL answer; it quacks like a data module for the probe (``eval_records``,
@@ -29,6 +33,7 @@ fine-tuning distribution, and map the model's answer back.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -37,7 +42,8 @@ from typing import Any
 from zoo.errors import ConfigError
 
 __all__ = ["ICLvsIFData", "IdentityTransform", "LabelScaleTransform", "LeetspeakTransform",
-           "PigLatinTransform", "PromptTransform", "WordTranslationTransform", "make_transform"]
+           "PigLatinTransform", "PromptTransform", "WordTranslationTransform", "bayes_prediction",
+           "make_transform", "parse_regression_prompt", "regression_prompt"]
 
 
 class PromptTransform:
@@ -207,6 +213,48 @@ def make_transform(spec: str) -> PromptTransform:
             raise ConfigError(f"label-scale:{arg}: gamma must be a number, e.g. label-scale:3") from err
     raise ConfigError(f"unknown prompt transform {spec!r}; use identity, leetspeak, piglatin, translate:FILE "
                       "or label-scale:GAMMA")
+
+
+# ------------------------------------------------------------------------- synthetic regression (part A)
+def regression_prompt(xs: Any, ys: Any, query: Any) -> str:
+    """``x = [a, b], y = v`` lines (6 significant digits), then ``x = [...], y =`` for the query."""
+    def vector(x: Any) -> str:
+        return "[" + ", ".join(_format(float(v)) for v in x) + "]"
+
+    lines = [f"x = {vector(x)}, y = {_format(float(y))}" for x, y in zip(xs, ys)]
+    return "\n".join([*lines, f"x = {vector(query)}, y ="])
+
+
+def parse_regression_prompt(text: str) -> tuple[Any, Any, Any]:
+    """(X (k, d), y (k,), x_query (d,)) float64 tensors from :func:`regression_prompt` text."""
+    import torch
+
+    rows = re.findall(r"x = \[([^\]]*)\], y =\s*(\S*)", text)
+    if not rows or rows[-1][1]:
+        raise ConfigError("not a regression prompt: expected 'x = [...], y = v' lines ending with 'y ='")
+    vectors = [[float(v) for v in row[0].split(",")] for row in rows]
+    xs = torch.tensor(vectors[:-1], dtype=torch.float64)
+    ys = torch.tensor([float(r[1]) for r in rows[:-1]], dtype=torch.float64)
+    return xs, ys, torch.tensor(vectors[-1], dtype=torch.float64)
+
+
+def bayes_prediction(xs: Any, ys: Any, query: Any, tasks: Any, alpha: float, noise: float) -> float:
+    """Posterior-predictive mean of ``y_query`` when ``w`` is uniform over the rows of ``tasks`` with
+    probability ``alpha`` and ``N(0, I)`` otherwise, ``y = w.x + N(0, noise^2)``."""
+    import torch
+
+    k, d = xs.shape
+    residual = ys[None, :] - tasks @ xs.T
+    loglik = -0.5 * (residual ** 2).sum(1) / noise ** 2 - 0.5 * k * math.log(2 * math.pi * noise ** 2)
+    log_discrete = (math.log(alpha) + float(torch.logsumexp(loglik, 0)) - math.log(tasks.shape[0])
+                    if alpha > 0 else -math.inf)
+    covariance = xs @ xs.T + noise ** 2 * torch.eye(k, dtype=xs.dtype)
+    gaussian = torch.distributions.MultivariateNormal(torch.zeros(k, dtype=xs.dtype), covariance)
+    log_continuous = math.log(1 - alpha) + float(gaussian.log_prob(ys)) if alpha < 1 else -math.inf
+    w_discrete = torch.softmax(loglik, 0) @ tasks
+    w_ridge = torch.linalg.solve(xs.T @ xs + noise ** 2 * torch.eye(d, dtype=xs.dtype), xs.T @ ys)
+    weights = torch.softmax(torch.tensor([log_discrete, log_continuous], dtype=torch.float64), 0)
+    return float(weights[0] * (w_discrete @ query) + weights[1] * (w_ridge @ query))
 
 
 # ------------------------------------------------------------------------------------- ICL vs IF probe

@@ -86,3 +86,37 @@ def test_icl_vs_if_records_and_prefix_scoring():
     assert set(blank["answer"]) == {"_"}
     metrics = data.evaluation_metrics([first, blank], [" WHAT is it", "\\_\\_" + "x"])
     assert metrics == {"icl_match": 0.5}
+
+
+def test_label_scale_recovers_continuous_tasks_under_a_discrete_heavy_prior():
+    """Spec 17 check 1 (no training): the Bayes predictor of a 'fine-tuned' discrete-heavy prior does worse
+    on continuous tasks than the pretraining mixture; the label-scale conjugate prompt (gamma = 3, through the
+    prompt text and map_answer) brings its error back toward the ridge error."""
+    import torch
+
+    from zoo.datamodules.transforms import bayes_prediction, parse_regression_prompt, regression_prompt
+
+    gen = torch.Generator().manual_seed(0)
+    d, k, noise, trials = 4, 3, 0.5, 200
+    tasks = torch.randn(16, d, generator=gen, dtype=torch.float64)  # the discrete family
+    scale = LabelScaleTransform(3.0)
+    errors = {"mixture": 0.0, "finetuned": 0.0, "conjugate": 0.0, "ridge": 0.0}
+    for _ in range(trials):
+        w = torch.randn(d, generator=gen, dtype=torch.float64)  # a continuous task
+        xs = torch.randn(k, d, generator=gen, dtype=torch.float64)
+        query = torch.randn(d, generator=gen, dtype=torch.float64)
+        ys = xs @ w + noise * torch.randn(k, generator=gen, dtype=torch.float64)
+        prompt = regression_prompt(xs, ys, query)
+        target = float(w @ query)
+        X, y, q = parse_regression_prompt(prompt)
+        errors["mixture"] += (bayes_prediction(X, y, q, tasks, 0.5, noise) - target) ** 2
+        errors["ridge"] += (bayes_prediction(X, y, q, tasks, 0.0, noise) - target) ** 2
+        errors["finetuned"] += (bayes_prediction(X, y, q, tasks, 0.999, noise) - target) ** 2
+        Xc, yc, qc = parse_regression_prompt(scale.apply(prompt))
+        assert torch.allclose(yc, 3 * y, rtol=1e-5)
+        answer = scale.map_answer(f"{bayes_prediction(Xc, yc, qc, tasks, 0.999, noise):.6g}")
+        errors["conjugate"] += (float(answer) - target) ** 2
+    mse = {key: value / trials for key, value in errors.items()}
+    assert mse["finetuned"] > 1.2 * mse["mixture"]  # discrete-only fine-tuning hurts continuous tasks
+    assert mse["conjugate"] < mse["finetuned"]  # the conjugate prompt recovers part of it ...
+    assert abs(mse["conjugate"] - mse["ridge"]) < 0.5 * (mse["finetuned"] - mse["ridge"])  # ... toward ridge
