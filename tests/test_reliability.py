@@ -115,7 +115,7 @@ def test_fsdp2_two_processes_from_yaml_and_resume(tmp_path):
     strategy = ["--config", str(REPO / "configs/strategies/fsdp2.yaml")]
     first = tmp_path / "fsdp_a"
     result = _cli(["fit", *TINY_ARGS, *strategy, "--trainer.max_steps", "2", "--trainer.default_root_dir",
-                   str(first)], cwd=tmp_path)
+                   str(first), "--keep_checkpoints"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
     ckpt = first / "checkpoints" / "last.ckpt"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -103,7 +104,10 @@ class RunState(Callback):
         exported = (run_dir / "export").is_dir()
         if exported and not self.keep_checkpoints:
             for ckpt in sorted((run_dir / "checkpoints").glob("*.ckpt")):
-                ckpt.unlink()
+                if ckpt.is_dir():  # a sharded (FSDP) checkpoint
+                    shutil.rmtree(ckpt)
+                else:
+                    ckpt.unlink()
                 removed.append(ckpt.name)
         write_run_state(run_dir, "finished", steps=int(trainer.global_step), exported=exported,
                         checkpoints_removed=removed)
@@ -151,13 +155,14 @@ class RunState(Callback):
                         resume=resume_command(run_dir, self.saved))
 
 
-def install_signal_handlers() -> dict[int, Any]:
-    """SIGTERM / SIGINT: during a fit, stop at the next step boundary (:meth:`RunState.request_stop`); else
-    raise :class:`Interrupted`. Returns the previous handlers (for :func:`restore_signal_handlers`)."""
+def install_signal_handlers(graceful: bool = True) -> dict[int, Any]:
+    """SIGTERM / SIGINT: during a fit (``graceful``), stop at the next step boundary
+    (:meth:`RunState.request_stop`); else raise :class:`Interrupted` (the bench: its finished records are
+    already written). Returns the previous handlers (for :func:`restore_signal_handlers`)."""
 
     def handler(signum, frame) -> None:
         state = RunState.active
-        if state is not None and state.trainer is not None:
+        if graceful and state is not None and state.trainer is not None:
             if state.signum is not None and signum == signal.SIGINT:  # a second Ctrl+C: stop now
                 raise Interrupted(signum)
             state.request_stop(signum)

@@ -2,7 +2,7 @@
 
 import sys
 
-from zoo.errors import zoo_error_in_chain
+from zoo.errors import UsageError, zoo_error_in_chain
 from zoo.harness.bench.driver import main
 
 try:
@@ -12,5 +12,5 @@ except Exception as err:  # one line for what the user can fix (as `zoo` prints 
     if cause is None:
         raise
     print(f"zoo: error: {cause}", file=sys.stderr)
-    code = 1
+    code = 2 if isinstance(cause, UsageError) else 1
 sys.exit(code)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from zoo.errors import UsageError
 from zoo.harness.bench.evaluation import evaluate, evaluate_base, evaluate_checkpoint
 from zoo.harness.bench.items import items_name
 from zoo.harness.bench.memory import StepTimer, peak_rss_mb, reset_peak_rss
@@ -38,6 +40,7 @@ from zoo.harness.bench.records import (
 from zoo.harness.bench.report import markdown, write_report
 from zoo.harness.bench.rerun import add_arguments, resolved_config
 from zoo.harness.bench.rerun import main as rerun_main
+from zoo.harness.run_state import Interrupted, install_signal_handlers, restore_signal_handlers
 
 DESCRIPTION = "``zoo bench``: train configs on one budget, evaluate them and the untuned base model, report."
 
@@ -49,7 +52,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         split = argv.index("--")
         argv, overrides = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zoo bench", description=DESCRIPTION,
         epilog="Arguments after `--` go to LightningCLI for every config, e.g. "
                "`-- --data.init_args.num_test 16 --model.init_args.lr 1e-4` "
@@ -76,16 +79,34 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep Lightning checkpoints of bench runs (default: only the HF export is "
                              "written)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --ckpt: evaluate a run whose run.json says it did not finish")
     add_arguments(parser)  # --reference, --rerun, --method (zoo.harness.bench.rerun)
     args = parser.parse_args(argv)
     try:
         args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError as err:
         raise BenchError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from err
+    if not args.seed_list:
+        raise BenchError(f"--seeds {args.seeds!r} names no seed; give e.g. --seeds 0 or --seeds 0,1,2")
+    for name, low in (("limit", 0), ("max_steps", 1), ("max_new_tokens", 1), ("batch_size", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise BenchError(f"--{name} must be >= {low}, got {value}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {args.out} is a file; name a folder for the results")
     if not args.configs and not args.ckpt and not args.rerun:
         raise BenchError("give at least one config (zoo bench configs/sft.yaml ...) or --ckpt RUN_DIR")
     return args, overrides
 
+
+
+class _Parser(argparse.ArgumentParser):
+    """A wrong bench option is one :class:`~zoo.errors.UsageError` line (exit 2), not the usage text."""
+
+    def error(self, message: str):
+        raise UsageError(f"zoo bench: {message}; `zoo bench --help` lists the options")
 
 
 def cli_args(config: Path, seed: int, args: argparse.Namespace, overrides: list[str]) -> list[str]:
@@ -115,9 +136,8 @@ def build_cli(argv: list[str], run_dir: str | Path | None = None):
     sys.argv = sys.argv[:1]  # LightningCLI warns when both sys.argv and args hold arguments
     try:
         return lightning_main(argv, run=False, run_dir=run_dir)
-    except SystemExit as err:  # jsonargparse already printed the precise cause
-        raise BenchError(f"the config could not be parsed (arguments: {' '.join(argv)}); "
-                         "see the message above") from err
+    except SystemExit as err:  # --help / --print_config in the overrides
+        raise BenchError(f"the config could not be parsed (arguments: {' '.join(argv)})") from err
     finally:
         sys.argv = program_argv
 
@@ -193,23 +213,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_config and not Path(args.data_config).is_file():
         raise BenchError(f"--data-config file not found: {args.data_config}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BenchError(f"--out {args.out}: cannot create the folder ({err.strerror})") from err
     results = out / "results.jsonl"
-    done = {record_key(r) for r in load_results(results)}
-    for path in args.ckpt:
-        evaluate_checkpoint(path, args, overrides, out, done, results)
+    done = {record_key(r) for r in load_results(results, repair=True)}
     jobs = [(config, seed) for config in configs for seed in args.seed_list]
     failed: list[str] = []
-    for number, (config, seed) in enumerate(jobs, start=1):
-        try:
-            train_and_evaluate(config, seed, args, overrides, out, done, results, f"{number}/{len(jobs)}")
-        except Exception as err:  # one broken run must not cost the rest of a sweep
-            if len(jobs) == 1:
-                raise
-            log(f"{number}/{len(jobs)} {config} seed {seed}: FAILED ({type(err).__name__}: {err}); "
-                "going on with the next run")
-            failed.append(f"{config} (seed {seed})")
-            gc.collect()
+    previous = install_signal_handlers(graceful=False)
+    try:
+        for path in args.ckpt:
+            evaluate_checkpoint(path, args, overrides, out, done, results)
+        for number, (config, seed) in enumerate(jobs, start=1):
+            try:
+                train_and_evaluate(config, seed, args, overrides, out, done, results, f"{number}/{len(jobs)}")
+            except Exception as err:  # one broken run must not cost the rest of a sweep
+                if len(jobs) == 1 or isinstance(err, Interrupted):
+                    raise
+                log(f"{number}/{len(jobs)} {config} seed {seed}: FAILED ({type(err).__name__}: {err}); "
+                    "going on with the next run")
+                failed.append(f"{config} (seed {seed})")
+                gc.collect()
+    except Interrupted as err:  # finished records are in results.jsonl already: report them, exit non-zero
+        kept = len(load_results(results))
+        if kept:
+            write_report(results, out, args.reference)
+        log(f"interrupted by {signal.Signals(err.signum).name}: {kept} finished records kept in {results}; "
+            "rerun the same command to continue (finished records are skipped)")
+        return err.exit_code
+    finally:
+        restore_signal_handlers(previous)
     rows = write_report(results, out, args.reference)
     log(f"{len(rows)} rows -> {out / 'results.md'}, {out / 'results.png'}, {results}")
     if rows:

@@ -100,11 +100,21 @@ def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: 
 
 
 
-def resolve_checkpoint(path: str) -> tuple[Path, dict[str, Any] | None]:
-    """(export folder, the run's config as a dict or None) for a run directory or an export folder."""
+def resolve_checkpoint(path: str, force: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """(export folder, the run's config as a dict or None) for a run directory or an export folder; a run
+    whose ``run.json`` says it did not finish is refused unless ``force``."""
     import yaml
 
     from zoo.harness.load import LoadError, export_folder
+    from zoo.harness.run_state import read_run_state
+
+    folder = Path(path).expanduser()
+    state = read_run_state(folder) or (read_run_state(folder.parent) if folder.name == "export" else None)
+    if state and state.get("state") != "finished" and not force:
+        detail = state.get("error") or state.get("signal") or ""
+        raise BenchError(f"--ckpt {path}: the run is {state.get('state')}"
+                         + (f" ({detail})" if detail else "")
+                         + "; resume or rerun it, or pass --force to evaluate it anyway")
 
     try:
         export = export_folder(path)
@@ -186,7 +196,7 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, overrides: list[str
                         results: Path) -> None:
     from zoo.harness.load import load_run
 
-    export, run_config = resolve_checkpoint(path)
+    export, run_config = resolve_checkpoint(path, getattr(args, "force", False))
     weights = sorted(p for p in export.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime) for p in weights]
     name = f"ckpt:{export.parent.name if export.name == 'export' else export.name}"

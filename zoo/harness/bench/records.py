@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,11 +69,25 @@ def record_key(record: dict[str, Any]) -> tuple[str, str, str, str]:
 
 
 
-def load_results(path: Path) -> list[dict[str, Any]]:
+def load_results(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of ``results.jsonl``. A last line without its newline is a write that was cut off: it is
+    skipped with a warning and, with ``repair``, moved to ``results.jsonl.partial`` so the next record starts
+    on a line of its own."""
     if not path.exists():
         return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        log(f"{path}: the last line ({len(data) - cut} bytes) was cut off by an interrupted write; skipped"
+            + (f", moved to {path.name}.partial" if repair else ""))
+        if repair:
+            with path.with_name(path.name + ".partial").open("ab") as handle:
+                handle.write(data[cut:] + b"\n")
+            with path.open("r+b") as handle:
+                handle.truncate(cut)
+        data = data[:cut]
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -83,8 +98,23 @@ def load_results(path: Path) -> list[dict[str, Any]]:
 
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
+    """Append ``record`` as one complete line: a single ``write`` of the whole line, flushed to disk, after a
+    newline if the file ends in a cut-off line (never glued onto it)."""
+    line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with path.open("rb") as handle:
+                handle.seek(size - 1)
+                if handle.read(1) != b"\n":
+                    line = b"\n" + line
+        written = 0
+        while written < len(line):
+            written += os.write(fd, line[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 
