@@ -100,3 +100,13 @@ def test_rerun_errors_are_one_line(bench_out, tmp_path, capsys):
         assert zoo_main(["bench", *argv, "--out", str(tmp_path)]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_unknown_reference_names_the_rows(bench_out):
+    from zoo.harness.bench.records import BenchError
+    from zoo.harness.bench.report import write_report
+
+    before = (bench_out / "results.md").read_text()
+    with pytest.raises(BenchError, match=r"--reference nope: no such row .*base, lora, sft"):
+        write_report(bench_out / "results.jsonl", bench_out, "nope")
+    assert (bench_out / "results.md").read_text() == before
