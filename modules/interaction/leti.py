@@ -2,17 +2,18 @@
 
 Paper: LeTI: Learning to Generate from Textual Interactions (2023). Spec: papers/23-leti.md.
 Implements: the four special tokens (added once through :mod:`zoo.tokens`, so the export carries them); the
-outer loop (:class:`LeTILoop`): at the start of fit and after every ``epochs_per_iteration`` epochs, sample
-``samples_per_problem`` programs per training problem from the current policy through the zoo's one decoder
-(conditioned on ``<|good|>``, temperature / top-p, the paper's stop words), run them against the problem's
-tests through an executor (:class:`SandboxExecutor`: :func:`zoo.sandbox.run_many`, a confined child process
-per program; :class:`FakeExecutor` for tests, which runs nothing), and rebuild the training set from
-``R + F + prompt + program`` with ``R`` = ``<|good|>`` / ``<|bad|>`` and ``F`` the normalised interpreter
-feedback between ``<|lang_feedback|>`` tokens (``feedback="binary"``: the coarse-only ablation, F = "");
-the feedback-conditioned loss is the causal LM loss over every non-pad token (:class:`LeTIDataModule` sets
-labels = input ids). Inference prepends ``<|good|>`` (:class:`FeedbackConditionedLM`). No ground-truth
-solution is trained on; pass@1 / pass@k of each iteration's samples are logged (the code task's estimator)
-and HumanEval pass@k is the harness's (the code task's sandboxed metrics).
+outer loop (:class:`LeTILoop`): at the start of every ``epochs_per_iteration``-th epoch (the first too),
+sample ``samples_per_problem`` programs per training problem from the current policy through the zoo's one
+decoder (conditioned on ``<|good|>``, temperature / top-p, the paper's stop words), run them against the
+problem's tests through an executor (:class:`SandboxExecutor`: :func:`zoo.sandbox.run_many`, a confined
+child process per program; :class:`FakeExecutor` for tests, which runs nothing), and rebuild the training
+set from ``R + F + prompt + program`` with ``R`` = ``<|good|>`` / ``<|bad|>`` and ``F`` the normalised
+interpreter feedback between ``<|lang_feedback|>`` tokens (``feedback="binary"``: the coarse-only ablation,
+F = ""); the feedback-conditioned loss is the causal LM loss over every non-pad token
+(:class:`LeTIDataModule` sets labels = input ids). Inference prepends ``<|good|>``
+(:class:`FeedbackConditionedLM`). No ground-truth solution is trained on; pass@1 / pass@k of each
+iteration's samples are logged (the code task's estimator) and HumanEval pass@k is the harness's (the code
+task's sandboxed metrics).
 Problems: the zoo's synthetic code tasks (``synthetic_code``), or any built-in reasoning task turned into
 "write ``solve()`` returning the answer" with an equality test.
 Differs from the official code: chat-rendered texts (the reward token opens the user turn); the optimizer
@@ -318,7 +319,7 @@ class LeTIDataModule(CodeDataModule):
           "feedback")
 class LeTILoop(Callback):
     """LeTI's outer loop: sample, execute, rebuild the training set from reward + feedback + problem +
-    program, every ``epochs_per_iteration`` epochs (iteration 0 at the start of fit)."""
+    program, at the start of every ``epochs_per_iteration``-th epoch (iteration 0 before the first)."""
 
     def __init__(
         self,
@@ -408,20 +409,19 @@ class LeTILoop(Callback):
         datamodule = self._check(trainer, pl_module)
         if self.texts:  # resumed: the checkpoint's iteration data, not a new sample from trained weights
             datamodule.set_training_rows(datamodule.encode_rows(self.texts))
-            return
-        self._report(trainer, self.iterate(pl_module, datamodule))
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.epochs_per_iteration or self._finishing(trainer):
-            return
-        self._report(trainer, self.iterate(pl_module, trainer.datamodule))
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sample_if_due(trainer, pl_module)  # Lightning skips on_train_epoch_start for a resumed epoch
 
-    @staticmethod
-    def _finishing(trainer: L.Trainer) -> bool:
-        loop = trainer.fit_loop
-        steps_done = loop.max_steps is not None and 0 <= loop.max_steps <= trainer.global_step
-        epochs_done = loop.max_epochs is not None and 0 <= loop.max_epochs <= trainer.current_epoch + 1
-        return trainer.should_stop or steps_done or epochs_done
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sample_if_due(trainer, pl_module)
+
+    def _sample_if_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Iteration ``t`` samples when epoch ``t * epochs_per_iteration`` starts (before its loader
+        iterates), so a run resumed inside an epoch or at its end samples exactly when an uninterrupted run
+        would, with the same weights and seed; nothing is sampled after the last epoch."""
+        if self.iteration <= trainer.current_epoch // self.epochs_per_iteration:
+            self._report(trainer, self.iterate(pl_module, trainer.datamodule))
 
     @staticmethod
     def _report(trainer: L.Trainer, stats: dict[str, float]) -> None:

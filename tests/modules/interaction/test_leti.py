@@ -255,3 +255,27 @@ def test_a_lora_policy_reloads_with_the_same_tokens_and_outputs(tmp_path):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     module.eval()
     torch.testing.assert_close(loaded(batch).hidden, module(batch).hidden)
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # inside epoch 1, and at its last batch (before epoch 2 samples)
+def test_resume_from_a_checkpoint_is_bitwise(tmp_path, stop_at):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, steps, callbacks=(), ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        module, data = policy(), problems()  # 2 problems x 2 samples = 4 rows = 2 steps an epoch
+        loop = LeTILoop(samples_per_problem=2, max_new_tokens=8, executor=FakeExecutor(pass_rate=0.4))
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, default_root_dir=root, callbacks=[loop, *callbacks])
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, loop
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop_at, save_top_k=-1)
+    straight, loop = run(tmp_path / "a", 6, [saver])
+    checkpoint = next((tmp_path / "ckpt").glob(f"*step={stop_at}.ckpt"))
+    resumed, resumed_loop = run(tmp_path / "b", 6, ckpt_path=str(checkpoint))
+    assert loop.iteration == resumed_loop.iteration == 3 and loop.texts == resumed_loop.texts
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
