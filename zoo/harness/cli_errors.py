@@ -108,6 +108,12 @@ def explain_parse_error(message: str, parser=None) -> UsageError:
         option = unrecognized.group(1).split("=")[0]
         hint = did_you_mean(option, option_names(parser)) if parser is not None else ""
         return UsageError(f"unknown option {option}{hint}; `zoo fit --help` lists the options")
+    not_accepted = re.search(r"does not accept option '([\w.]+)'", message)
+    if not_accepted:
+        option = f"--{not_accepted.group(1)}"
+        hint = did_you_mean(option, option_names(parser)) if parser is not None else ""
+        return UsageError(f"unknown config key {not_accepted.group(1)!r}{hint.replace('--', '')}; "
+                          "`zoo fit --print_config` shows the valid keys")
     one_argument = re.search(r"argument (--[\w.]+): expected one argument", message)
     if one_argument:
         return UsageError(f"{one_argument.group(1)} needs a value; a negative number in exponent form is "
