@@ -20,7 +20,6 @@ DATA = ["--model.init_args.model", "tiny-llama", "--data.init_args.dataset", "ch
         "--data.init_args.max_length", "128", "--data.init_args.batch_size", "2"]
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-           "--trainer.enable_checkpointing", "false",
            "--trainer.max_steps", "3", "--model.init_args.export", "false"]
 
 

@@ -107,7 +107,7 @@ DATA = ["--model.init_args.model", "tiny-llama", "--data.class_path", "zoo.datam
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
            "--trainer.limit_val_batches", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-           "--trainer.enable_checkpointing", "false", f"--trainer.callbacks+={RECORDER}"]
+           f"--trainer.callbacks+={RECORDER}"]
 
 
 def run_ddp(config: str, tmp_path: Path, *args: str, find_unused: bool = False) -> Path:
