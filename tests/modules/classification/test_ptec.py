@@ -166,3 +166,19 @@ def test_trie_decoder_on_a_module_returns_only_taxonomy_labels_without_repeats()
     for labels in decoder.decode(["Company: Lumen Ltd sells battery storage.", "x"]):
         assert labels and set(labels) <= {"energy", "media", "retail", "re"}
         assert len(set(labels)) == len(labels)
+
+
+def test_trie_scorer_logits_equal_a_direct_unpadded_forward():
+    from zoo.modules.classification.ptec import TrieConstrainedDecoder
+
+    module = _module().eval()
+    decoder = TrieConstrainedDecoder(module, ["energy", "media"], separator=", ")
+    prompt, emitted = [60, 61, 62], [70, 71]
+    continuations = [[80, 81, 82, 83], [90]]  # different lengths: the short row is left-padded
+    got = decoder._scorer(prompt)(emitted, continuations)
+    weight, _ = module.lm_head_weight()
+    for c, logits in zip(continuations, got):
+        ids = torch.tensor([prompt + emitted + c])
+        hidden = module.forward_hidden({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+        start = len(prompt) + len(emitted) - 1  # the column predicting c[0]
+        assert torch.allclose(logits, hidden[start: start + len(c)] @ weight.T, atol=1e-5)
