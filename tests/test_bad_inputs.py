@@ -199,6 +199,15 @@ def test_bad_input_is_a_short_message_naming_the_cause(case, tmp_path, monkeypat
         assert needle.lower() in err.lower(), (needle, err[-3000:])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_accelerator_gpu_on_a_cpu_machine(tmp_path, monkeypatch, capsys, quiet_lightning):
+    monkeypatch.chdir(tmp_path)
+    code = main(run_case(Case("gpu", ["fit", "--trainer.accelerator", "gpu"], 1, ()), tmp_path))
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) <= MAX_LINES, err[-3000:]
+    assert "gpu" in err and "trainer.accelerator: cpu" in err
+
+
 def test_catalogue_has_forty_cases():
     assert len(CASES) >= 40 and len({case.id for case in CASES}) == len(CASES)
 
@@ -298,8 +307,7 @@ def resume_argv(err: str) -> list[str]:
     return shlex.split(command)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_inside_the_first_epoch_saves_a_checkpoint_and_the_resume_is_bitwise(
         signum, tmp_path, monkeypatch, capsys, quiet_lightning):
     monkeypatch.chdir(tmp_path)

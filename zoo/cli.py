@@ -71,7 +71,7 @@ def _one_line(err: BaseException) -> tuple[str, int] | None:
     from_connector = bool(frames) and "trainer/connectors" in frames[-1].filename.replace(os.sep, "/")
     if isinstance(err, MisconfigurationException) or (isinstance(err, ValueError) and from_connector):
         text = " ".join(str(err).split())
-        if "not available" in text or "can not run on your system" in text:
+        if any(s in text for s in ("not available", "can not run on your system", "No supported gpu")):
             text += "; set trainer.accelerator: cpu (or auto)"
         return f"trainer config: {text}", 1
     if isinstance(err, ValueError) and frames and "torch/optim/" in frames[-1].filename.replace(os.sep, "/"):
