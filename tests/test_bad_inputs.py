@@ -356,3 +356,27 @@ def test_kill_term_of_a_zoo_fit_subprocess_resumes_bitwise(tmp_path):
     straight = tmp_path / "straight"
     assert main(["fit", "--config", TINY, *FIT, "--trainer.default_root_dir", str(straight)]) == 0
     assert_bitwise_equal(exported_weights(run), exported_weights(straight))
+
+
+class SignalInSeed(Callback):
+    """SIGTERM to this process at the end of step 1 of the run seeded ``seed`` (a sweep's second run)."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.seed = seed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1 and os.environ.get("PL_GLOBAL_SEED") == str(self.seed):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_a_bench_sweep_keeps_the_finished_records(tmp_path, monkeypatch, capsys,
+                                                                  quiet_lightning):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    code = main(["bench", TINY, "--seeds", "0,1", "--max_steps", "2", "--limit", "0", "--no-base", "--out",
+                 str(out), "--", "--trainer.enable_progress_bar", "false",
+                 f"--trainer.callbacks+={__name__}.SignalInSeed"])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert [r["seed"] for r in load_results(out / "results.jsonl")] == [0]  # seed 0 finished, seed 1 did not
+    assert "interrupted by SIGTERM: 1 finished records kept" in err
