@@ -179,7 +179,8 @@ class EncodedDataset(Dataset):
 def read_local(path: Path) -> list[dict[str, Any]]:
     """Rows of a local JSON / JSONL / Parquet / CSV file."""
     if not path.exists():
-        siblings = [str(p) for p in path.parent.glob("*")] if path.parent.is_dir() else []
+        siblings = ([str(p) for p in path.parent.iterdir() if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES]
+                    if path.parent.is_dir() else [])
         raise DataError(f"data file {str(path)!r} does not exist{did_you_mean(str(path), siblings)}; check "
                         "`data.init_args.dataset`")
     if path.is_dir():

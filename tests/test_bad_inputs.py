@@ -111,7 +111,7 @@ CASES = [
                                                      num_virtual_tokens=4), 1, "DePT rank", "hidden size 64"),
     # ---- data files and rows: the file and the row or line
     Case("data-file-missing", ["fit", "--data.init_args.dataset", "{tmp}/nope.jsonl"], 1,
-         ("nope.jsonl", "does not exist")),
+         ("nope.jsonl", "does not exist")),  # no "did you mean": nothing near it
     data_case("data-file-typo", "train.jsonl", JSONL, 1, "trian.jsonl", "did you mean", "train.jsonl",
               dataset="trian.jsonl"),
     Case("task-typo", ["fit", "--data.init_args.dataset", "chain_summ"], 1,
@@ -151,7 +151,8 @@ CASES = [
     Case("bench-zero-steps", ["bench", TINY, "--max_steps", "0", "--out", "{tmp}/b"], 1, ("--max_steps",)),
     Case("bench-out-is-a-file", ["bench", TINY, "--out", "{tmp}/results"], 1, ("--out", "is a file"),
          {"results": "x"}),
-    Case("bench-unknown-option", ["bench", TINY, "--max-steps", "3"], 2, ("unrecognized", "--max-steps")),
+    Case("bench-unknown-option", ["bench", TINY, "--max-steps", "3"], 2,
+         ("unrecognized", "--max-steps", "did you mean '--max_steps'")),
     Case("bench-missing-config", ["bench", "{tmp}/nope.yaml", "--out", "{tmp}/b"], 1,
          ("not found", "nope.yaml")),
     Case("bench-ckpt-missing", ["bench", "--ckpt", "{tmp}/nothing", "--out", "{tmp}/b"], 1,

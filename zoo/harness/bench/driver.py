@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.errors import UsageError
+from zoo.errors import UsageError, did_you_mean
 from zoo.harness.bench.evaluation import evaluate, evaluate_base, evaluate_checkpoint
 from zoo.harness.bench.items import items_name
 from zoo.harness.bench.memory import StepTimer, peak_rss_mb, reset_peak_rss
@@ -106,7 +106,10 @@ class _Parser(argparse.ArgumentParser):
     """A wrong bench option is one :class:`~zoo.errors.UsageError` line (exit 2), not the usage text."""
 
     def error(self, message: str):
-        raise UsageError(f"zoo bench: {message}; `zoo bench --help` lists the options")
+        marker = "unrecognized arguments: "
+        unknown = message.split(marker, 1)[1].split()[0] if marker in message else ""
+        hint = did_you_mean(unknown.split("=")[0], self._option_string_actions) if unknown else ""
+        raise UsageError(f"zoo bench: {message}{hint}; `zoo bench --help` lists the options")
 
 
 def cli_args(config: Path, seed: int, args: argparse.Namespace, overrides: list[str]) -> list[str]:
