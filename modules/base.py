@@ -511,7 +511,7 @@ class CausalLMModule(L.LightningModule):
     def export_extra_state(self, weights: str) -> dict[str, Tensor]:
         """Trained tensors (and persistent buffers outside the backbone) that the HF files do not carry."""
         trainable = self.trainable_state_names()
-        covered = "model." if weights == "full" else None
+        covered = "model." if weights in ("full", "peft") else None  # the HF model or peft's adapter files
         if weights == "merged":
             return {}  # the adapter's update is inside the HF weights
         state = self.state_dict()

@@ -93,6 +93,8 @@ def _load_manifest(export: Path, manifest: dict[str, Any], model: str | None) ->
     init["export"] = False
     module = cls(**init, adapter=adapter) if adapter is not None else cls(**init)
     module.export_manifest = manifest  # what was trained (e.g. the run's trainable count), for reports
+    if manifest["weights"] == "peft":
+        _load_peft_weights(module, export)
     module.adapter.load_export_extras(export)
     if manifest.get("state"):
         from safetensors.torch import load_file
@@ -103,6 +105,16 @@ def _load_manifest(export: Path, manifest: dict[str, Any], model: str | None) ->
             raise LoadError(f"{export}: saved tensors {result.unexpected_keys[:5]} match nothing in "
                             f"{cls.__name__}; the export and the code disagree")
     return module
+
+
+def _load_peft_weights(module: CausalLMModule, export: Path) -> None:
+    """The trained adapter tensors from peft's own files in the export (one copy on disk)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    # peft reports prompt-learning tensors as "unexpected" although it loads them: the contract matrix
+    # checks the reload's NLL instead
+    set_peft_model_state_dict(module.model, load_peft_weights(str(export), device="cpu"))
 
 
 def _load_plain(export: Path, model: str | None) -> CausalLMModule:
