@@ -215,6 +215,7 @@ def test_catalogue_has_forty_cases():
 
 def test_a_failed_fit_marks_its_run_folder_failed(tmp_path, monkeypatch, capsys, quiet_lightning):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ZOO_RUN_DIR", raising=False)  # an earlier in-process run may have left one
     assert main(["fit", "--config", TINY, *QUIET, "--data.init_args.dataset", "chain_summ"]) == 1
     (run,) = (tmp_path / "runs" / "tiny").iterdir()
     state = json.loads((run / "run.json").read_text())

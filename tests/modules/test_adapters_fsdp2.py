@@ -57,6 +57,7 @@ def test_dsee_adapter_tensors_agree_across_ranks_under_fsdp2(tmp_path):
     assert any(not torch.equal(ranks[0]["start"][n], rank0[n]) for n in rank0), "the adapter did not train"
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_soft_prompt_under_fsdp2_is_one_line_naming_ddp(tmp_path):
     proc = run_fsdp2("configs/prompt_tuning.yaml", tmp_path)
