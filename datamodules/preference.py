@@ -32,7 +32,6 @@ import functools
 import math
 import random
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,7 +40,6 @@ from torch.utils.data import DataLoader
 
 from zoo import tasks
 from zoo.datamodules.sft import (
-    LOCAL_SUFFIXES,
     DataError,
     EncodedDataset,
     SFTDataModule,
@@ -49,8 +47,6 @@ from zoo.datamodules.sft import (
     encode_example,
     extract_final_answer,
     fit_length,
-    read_hub,
-    read_local,
 )
 from zoo.labels import target_mask
 
@@ -130,6 +126,7 @@ class PreferenceDataModule(SFTDataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -150,46 +147,26 @@ class PreferenceDataModule(SFTDataModule):
             batch_size: training pairs per micro-batch (the batch holds 2x rows).
             eval_batch_size: validation / test pairs per batch.
             num_workers: DataLoader workers.
-            seed: seed of the built-in generators, the perturbation and the training shuffle.
+            seed: seed of the built-in generators and the perturbation.
+            shuffle_seed: seed of the training order; None = the run's global seed (as SFTDataModule).
         """
         super().__init__(dataset=dataset, tokenizer=tokenizer, fields=fields, hub_config=hub_config,
                          splits=splits, num_train=num_train, num_val=num_val, num_test=num_test,
                          max_length=max_length,
                          overlong=overlong, on_malformed=on_malformed, system_prompt=system_prompt,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         seed=seed)
+                         seed=seed, shuffle_seed=shuffle_seed)
         self.fields = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "answer": "answer",
                        **(fields or {})}
 
     # ------------------------------------------------------------------ loading
-    def load_records(self) -> dict[str, list[dict[str, Any]]]:
-        hp = self.hparams
-        sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
-        if tasks.is_builtin_task(hp.dataset):
-            return {split: self._pairs_from_task(records, split)
-                    for split, records in tasks.task_splits(hp.dataset, sizes, seed=hp.seed).items()}
-        sources = dict(hp.splits or {})
-        local = Path(hp.dataset).expanduser()
-        if local.suffix.lower() in LOCAL_SUFFIXES:
-            sources.setdefault("train", str(local))
-            raw = {split: read_local(Path(src).expanduser()) for split, src in sources.items()}
-        else:  # hub id or a local data-set folder: datasets.load_dataset
-            sources.setdefault("train", "train")
-            raw = {split: read_hub(hp.dataset, src, hp.hub_config) for split, src in sources.items()}
-        records = {split: self._map_pair_fields(rows, f"{hp.dataset}[{split}]")
-                   for split, rows in raw.items()}
-        train = records["train"]
-        for split in ("test", "val"):
-            if split not in records and sizes[split] > 0:
-                if len(train) <= sizes[split]:
-                    raise DataError(f"{hp.dataset}: {len(train)} pairs cannot also provide {sizes[split]} "
-                                    f"{split} pairs; lower num_{split} or give splits.{split}")
-                records[split], train = train[-sizes[split]:], train[: -sizes[split]]
-        records["train"] = train[: hp.num_train] if hp.num_train > 0 else train
-        for split in ("val", "test"):
-            if split in records:
-                records[split] = records[split][: sizes[split]]
-        return records
+    # Loading and splitting are SFTDataModule's (files, hub, built-in tasks, held-out carving); pairs only
+    # change how a row becomes a record.
+    def task_records(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+        return self._pairs_from_task(records, split)
+
+    def map_rows(self, rows, origin: str) -> list[dict[str, Any]]:
+        return self._map_pair_fields(rows, origin)
 
     def _pairs_from_task(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
         out, skipped = [], 0

@@ -317,7 +317,8 @@ class SFTDataModule(L.LightningDataModule):
         hp = self.hparams
         sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
         if tasks.is_builtin_task(hp.dataset):
-            return tasks.task_splits(hp.dataset, sizes, seed=hp.seed)
+            return {split: self.task_records(records, split)
+                    for split, records in tasks.task_splits(hp.dataset, sizes, seed=hp.seed).items()}
         sources = dict(hp.splits or {})
         local = Path(hp.dataset).expanduser()
         if local.suffix.lower() in LOCAL_SUFFIXES or local.is_file():  # a folder goes to load_dataset
@@ -332,7 +333,7 @@ class SFTDataModule(L.LightningDataModule):
             sources.setdefault("train", "train")
             raw = {split: read_hub(hp.dataset, src, hp.hub_config) for split, src in sources.items()}
             origin = {split: f"{hp.dataset}[{src}]" for split, src in sources.items()}
-        records = {split: self._map_fields(rows, origin[split]) for split, rows in raw.items()}
+        records = {split: self.map_rows(rows, origin[split]) for split, rows in raw.items()}
         train = records["train"]
         if not train:
             raise DataError(f"{origin['train']}: no rows; the training data is empty")
@@ -347,6 +348,14 @@ class SFTDataModule(L.LightningDataModule):
             if split in records:
                 records[split] = records[split][: sizes[split]]
         return records
+
+    def task_records(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+        """Hook: a built-in task's records of ``split`` as this data module's rows (SFT: as they are)."""
+        return records
+
+    def map_rows(self, rows: Iterable[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
+        """Hook: raw file / hub rows as this data module's records (through ``fields``)."""
+        return self._map_fields(rows, origin)
 
     def _map_fields(self, rows: Iterable[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
         out, skipped = [], 0
