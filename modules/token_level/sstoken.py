@@ -57,6 +57,7 @@ from zoo import backbone
 from zoo.datamodules.sft import SEGMENT_PROMPT
 from zoo.errors import check_range
 from zoo.modules.base import StepOutputs, target_mask
+from zoo.modules.qk import query_key_states
 from zoo.registry import register
 
 
@@ -100,11 +101,6 @@ def top_ratio_mask(scores: Tensor, response_mask: Tensor, keep_ratio: float) -> 
     return ((ranks < k[:, None]) & response_mask).float()
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def recompute_attention(attn: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor,
                         attention_mask: Tensor | None) -> Tensor:
     """Causal softmax attention probabilities (B, H, T, T), float32, of one Llama-style attention module.
@@ -112,15 +108,9 @@ def recompute_attention(attn: nn.Module, hidden: Tensor, cos: Tensor, sin: Tenso
     ``hidden`` (B, T, D) is the module's input (after the layer's input norm); ``cos``/``sin`` (B, T, d)
     its rotary embeddings; ``attention_mask`` (B, T) marks real keys. Rows with no visible key are 0.
     """
-    batch, length, _ = hidden.shape
-    head_dim = attn.head_dim
-    q = attn.q_proj(hidden).view(batch, length, -1, head_dim)
-    k = attn.k_proj(hidden).view(batch, length, -1, head_dim)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
-    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    length = hidden.shape[1]
+    q, k = query_key_states(attn, hidden, (cos.float(), sin.float()))  # float32 RoPE (type promotion)
+    q, k = q.float(), k.float()
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * attn.scaling
     visible = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()[None, None]
