@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -104,6 +105,16 @@ def reduce_loss(per_token: Tensor, weights: Tensor, reduction: Reduction = "toke
     raise ValueError(f"unknown reduction {reduction!r}; use token_mean, weight_mean, sequence_mean or sum")
 
 
+def chunked_log_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None, index: tuple[Tensor, Tensor],
+                      chunk: int = 1024) -> Iterator[tuple[tuple[Tensor, Tensor], Tensor]]:
+    """Yield ``(rows, logp)`` for the positions ``index`` (row and column tensors) of ``hidden`` (B, T, H):
+    ``logp`` (n, V) float32 log-softmax of the LM head on those positions, ``chunk`` at a time, so the
+    (B, T, V) logits never exist at once. Call it under ``torch.no_grad()`` for statistics."""
+    for start in range(0, index[0].numel(), chunk):
+        rows = tuple(i[start : start + chunk] for i in index)
+        yield rows, F.linear(hidden[rows], weight, bias).float().log_softmax(-1)
+
+
 @dataclass
 class StepOutputs:
     """What one forward pass produced, with lazily computed, detached statistics for selectors.
@@ -129,10 +140,7 @@ class StepOutputs:
             pred_hidden, targets = shift_for_prediction(self.hidden, self.labels)
             index = mask[:, 1:].nonzero(as_tuple=True)
             weight, bias = self.module.lm_head_weight()
-            for start in range(0, index[0].numel(), 1024):
-                rows = tuple(i[start : start + 1024] for i in index)
-                logits = F.linear(pred_hidden[rows], weight, bias).float()
-                logp = logits.log_softmax(-1)
+            for rows, logp in chunked_log_probs(pred_hidden, weight, bias, index):
                 rows_t = (rows[0], rows[1] + 1)
                 loss[rows_t] = -logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
                 entropy[rows_t] = -(logp.exp() * logp).sum(-1)

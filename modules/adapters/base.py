@@ -61,6 +61,23 @@ def outermost_init_args(obj: object) -> dict[str, Any]:
     return args
 
 
+def final_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """(B, T, H) final (normed) hidden states of ``model``'s own forward at the batch's real positions,
+    captured at the decoder's output; the LM head is skipped (``logits_to_keep`` = no position)."""
+    captured: list[Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = backbone.decoder(model).register_forward_hook(grab)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+              logits_to_keep=batch["input_ids"].new_zeros(0))
+    finally:
+        handle.remove()
+    return captured[-1][:, -batch["input_ids"].shape[1]:]
+
+
 class Adapter(nn.Module):
     """The identity adapter (plain fine-tuning of whatever the objective trains); the base of all others."""
 
@@ -97,18 +114,7 @@ class Adapter(nn.Module):
     # ------------------------------------------------------------------ forward
     def hidden_states(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, T, H) final hidden states at the real positions. Default: the model's own forward."""
-        captured: list[Tensor] = []
-
-        def grab(_module, _args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-        handle = backbone.decoder(self.model).register_forward_hook(grab)
-        try:
-            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                       logits_to_keep=batch["input_ids"].new_zeros(0))
-        finally:
-            handle.remove()
-        return captured[-1][:, -batch["input_ids"].shape[1]:]
+        return final_hidden_states(self.model, batch)
 
     # ------------------------------------------------------------------ decoding hooks (zoo.decoding)
     def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Prefill:

@@ -60,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from zoo.errors import check_range
-from zoo.modules.base import StepOutputs, target_mask
+from zoo.modules.base import StepOutputs, chunked_log_probs, target_mask
 from zoo.registry import register
 
 
@@ -196,9 +196,7 @@ def all_position_entropy(module: L.LightningModule, outputs: StepOutputs, attent
     entropy = torch.zeros(attention_mask.shape, dtype=torch.float32, device=outputs.hidden.device)
     index = attention_mask.bool().nonzero(as_tuple=True)
     with torch.no_grad():
-        for start in range(0, index[0].numel(), chunk):
-            rows = tuple(i[start : start + chunk] for i in index)
-            logp = F.linear(outputs.hidden[rows], weight, bias).float().log_softmax(-1)
+        for rows, logp in chunked_log_probs(outputs.hidden, weight, bias, index, chunk):
             entropy[rows] = -(logp.exp() * logp).sum(-1)
     return entropy
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from zoo import backbone
 from zoo.datamodules.sft import SEGMENT_PROMPT
 from zoo.errors import check_range
+from zoo.modules.adapters.base import final_hidden_states
 from zoo.modules.base import StepOutputs, target_mask
 from zoo.modules.qk import query_key_states
 from zoo.registry import register
@@ -239,20 +240,9 @@ class SSTokenSelectCallback(Callback):
 
     def history_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, T) target-aligned per-token loss of the history model on the batch's input ids."""
-        captured: list[Tensor] = []
-
-        def grab(_module, _args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
         model = self.history_model
-        handle = backbone.decoder(model).register_forward_hook(grab)
-        try:
-            with torch.no_grad():
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                      logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device))
-        finally:
-            handle.remove()
-        hidden = captured[-1][:, -batch["input_ids"].shape[1]:]
+        with torch.no_grad():
+            hidden = final_hidden_states(model, batch)
         return StepOutputs(module=_HeadOf(model), hidden=hidden, labels=batch["labels"]).per_token_loss()
 
     def select(self, module: L.LightningModule, batch: dict[str, Tensor], outputs: StepOutputs) -> Tensor:
