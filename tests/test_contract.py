@@ -41,8 +41,8 @@ SFT_DATA = ["--data.init_args.dataset", "chain_sum", "--data.init_args.num_train
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
            "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false"]
-STATEFUL = {"sft", "relation_distill", "leti", "ubpl", "list", "got_d", "locft_bf", "qtuning", "sstoken",
-            "masked_thought", "hft", "lt_sft", "greentrainer", "dsee", "lemo", "promot", "panda",
+STATEFUL = {"sft", "cdpo", "relation_distill", "leti", "ubpl", "list", "got_d", "locft_bf", "qtuning",
+            "sstoken", "masked_thought", "hft", "lt_sft", "greentrainer", "dsee", "lemo", "promot", "panda",
             "tl_training", "stability", "caft"}
 
 
