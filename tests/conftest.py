@@ -83,3 +83,17 @@ def tiny_batch(batch_size: int = 2, length: int = 12, vocab: int = 258, prompt: 
 @pytest.fixture
 def make_batch():
     return tiny_batch
+
+
+@pytest.fixture(scope="module")
+def sharp_tiny():
+    """The tiny Llama with large random matrices (so greedy continuations depend on the prompt), eval mode."""
+    from zoo import backbone
+
+    model, tokenizer = backbone.tiny_llama()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model.eval(), tokenizer

@@ -3,25 +3,12 @@ loop."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from zoo import backbone
 from zoo.chat import render_prompt_ids
 from zoo.decoding import choose_tokens, cut_at_stop, decode_ids, eos_ids, generate, left_pad
 
 PROMPTS = ["What is 12 + 7 - 3?", "hello there", "xyz 42"]
-
-
-@pytest.fixture(scope="module")
-def sharp_tiny():
-    model, tokenizer = backbone.tiny_llama()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval(), tokenizer
 
 
 def test_cut_at_stop_takes_the_earliest_stop_string():

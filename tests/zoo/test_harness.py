@@ -14,20 +14,6 @@ from zoo.harness.generation import cut_at_eos, generate, generate_ids, left_pad,
 PROMPTS = ["a", "What is 12 + 7 - 3?", "hello there, how many apples are left?", "xyz 42", "Qu"]
 
 
-@pytest.fixture(scope="module")
-def sharp_tiny():
-    """The tiny Llama with large random matrices, so greedy continuations depend on the prompt."""
-    from zoo import backbone
-
-    model, tokenizer = backbone.tiny_llama()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model, tokenizer
-
-
 def test_left_padded_batch_equals_unpadded_one_by_one(sharp_tiny):
     model, tokenizer = sharp_tiny
     batched = generate_ids(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=8)
