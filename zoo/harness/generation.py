@@ -82,11 +82,13 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def response_nll(module, datamodule, split: str = "test") -> dict[str, float]:
-    """Held-out response NLL: ``{"nll": token mean, "ppl": exp(nll), "tokens": count}``.
+def response_nll_items(module, datamodule, split: str = "test") -> dict[str, Any]:
+    """Held-out response NLL of ``split`` and its per-item parts, in one pass.
 
-    Every supervised (response) token of ``split`` counts once; the loss comes from the module's
-    ``weighted_token_loss`` with the plain supervision mask (no token selectors), in eval mode.
+    Returns ``{"nll": token mean, "ppl": exp(nll), "tokens": int, "per_item": {id: (nll_sum, tokens)}}``;
+    ``id`` is the batch's ``index`` (the record's position in the split) when the batch carries one, else the
+    row's position in the (unshuffled) loader. Rows sharing an id (the two sides of a preference pair) are
+    summed; ``nll`` equals the sum of the per-item sums over the sum of their tokens.
     """
     from zoo.modules.base import target_mask
 
@@ -95,7 +97,8 @@ def response_nll(module, datamodule, split: str = "test") -> dict[str, float]:
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()
-    total, count = 0.0, 0
+    per_item: dict[int, list[float]] = {}
+    position = 0
     try:
         for batch in loader:
             batch = _to_device(batch, device)
@@ -103,9 +106,31 @@ def response_nll(module, datamodule, split: str = "test") -> dict[str, float]:
             weights = target_mask(batch["labels"]).float()
             if "is_chosen" in batch:  # preference pairs: the response NLL is the chosen responses'
                 weights = weights * batch["is_chosen"].to(weights.dtype)[:, None]
-            total += float(module.weighted_token_loss(outputs, weights).double().sum())
-            count += int(weights.sum())
+            losses = module.weighted_token_loss(outputs, weights).double().sum(dim=1).tolist()
+            counts = weights.sum(dim=1).long().tolist()
+            rows = len(losses)
+            index = batch.get("index")
+            ids = index.tolist() if isinstance(index, Tensor) else list(range(position, position + rows))
+            position += rows
+            for item, loss, count in zip(ids, losses, counts):
+                entry = per_item.setdefault(int(item), [0.0, 0])
+                entry[0] += loss
+                entry[1] += count
     finally:
         module.train(was_training)
+    total = sum(v[0] for v in per_item.values())
+    count = sum(int(v[1]) for v in per_item.values())
     nll = total / max(count, 1)
-    return {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "tokens": count}
+    return {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "tokens": count,
+            "per_item": {k: (v[0], int(v[1])) for k, v in sorted(per_item.items())}}
+
+
+def response_nll(module, datamodule, split: str = "test") -> dict[str, float]:
+    """Held-out response NLL: ``{"nll": token mean, "ppl": exp(nll), "tokens": count}``.
+
+    Every supervised (response) token of ``split`` counts once; the loss comes from the module's
+    ``weighted_token_loss`` with the plain supervision mask (no token selectors), in eval mode. The one
+    pass of :func:`response_nll_items`, without its per-item parts.
+    """
+    result = response_nll_items(module, datamodule, split)
+    return {"nll": result["nll"], "ppl": result["ppl"], "tokens": result["tokens"]}

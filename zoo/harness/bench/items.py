@@ -6,8 +6,9 @@ Each line: ``id`` (the item's position in the data's test split, the batch's ``i
 ``nll_sum`` (summed response NLL of the item, nats) and ``tokens`` (its response tokens). The record names
 the file in ``items`` (relative to ``OUT``); :mod:`zoo.harness.bench.stats` pairs two records' items.
 
-:func:`response_nll_items` computes the split NLL and the per-item sums in one pass over the test loader,
-the same computation as :func:`zoo.harness.generation.response_nll` (module ``forward`` +
+:func:`response_nll_items` (defined in :mod:`zoo.harness.generation`, re-exported here) computes the split NLL
+and the per-item sums in one pass over the test loader, the pass :func:`zoo.harness.generation.response_nll`
+also runs (module ``forward`` +
 ``weighted_token_loss`` with the plain supervision mask; preference data: the chosen responses).
 """
 
@@ -16,15 +17,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from zoo.harness.bench.records import digest
+from zoo.harness.generation import response_nll_items
 
 __all__ = ["items_name", "prompt_sha", "read_items", "response_nll_items", "write_items"]
 
@@ -39,54 +37,6 @@ def items_name(record: dict[str, Any]) -> str:
 
 def prompt_sha(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def response_nll_items(module, datamodule, split: str = "test") -> dict[str, Any]:
-    """Held-out response NLL of ``split`` and its per-item parts, in one pass.
-
-    Returns ``{"nll": token mean, "ppl": exp(nll), "tokens": int, "per_item": {id: (nll_sum, tokens)}}``;
-    ``id`` is the batch's ``index`` (the record's position in the split) when the batch carries one, else the
-    row's position in the (unshuffled) loader. Rows sharing an id (the two sides of a preference pair) are
-    summed; ``nll`` equals the sum of the per-item sums over the sum of their tokens.
-    """
-    from zoo.modules.base import target_mask
-
-    datamodule.setup("test")
-    loader = getattr(datamodule, f"{split}_dataloader")()
-    device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
-    per_item: dict[int, list[float]] = {}
-    position = 0
-    try:
-        for batch in loader:
-            batch = _to_device(batch, device)
-            outputs = module(batch)
-            weights = target_mask(batch["labels"]).float()
-            if "is_chosen" in batch:  # preference pairs: the response NLL is the chosen responses'
-                weights = weights * batch["is_chosen"].to(weights.dtype)[:, None]
-            losses = module.weighted_token_loss(outputs, weights).double().sum(dim=1).tolist()
-            counts = weights.sum(dim=1).long().tolist()
-            rows = len(losses)
-            index = batch.get("index")
-            ids = index.tolist() if isinstance(index, Tensor) else list(range(position, position + rows))
-            position += rows
-            for item, loss, count in zip(ids, losses, counts):
-                entry = per_item.setdefault(int(item), [0.0, 0])
-                entry[0] += loss
-                entry[1] += count
-    finally:
-        module.train(was_training)
-    total = sum(v[0] for v in per_item.values())
-    count = sum(int(v[1]) for v in per_item.values())
-    nll = total / max(count, 1)
-    return {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "tokens": count,
-            "per_item": {k: (v[0], int(v[1])) for k, v in sorted(per_item.items())}}
 
 
 def write_items(path: Path, records: list[dict[str, Any]], completions: list[str],
