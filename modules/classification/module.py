@@ -28,6 +28,7 @@ API for the rest of the family:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -241,20 +242,27 @@ class ClassificationModule(CausalLMModule):
         return [render_prompt_ids(self.tokenizer, p, None) for p in prompts]
 
     @torch.no_grad()
-    def score_prompts(self, prompts: list[str], calibrated: bool = True, batch_size: int = 16) -> Tensor:
-        """(B, C) label scores of raw prompt strings in eval mode (calibrated unless told not to)."""
-        if self.verbalizer is None:
-            raise ConfigError(f"{type(self).__name__} has no labels yet: pass labels or fit with data")
+    def score_rendered(self, prompts: list[str], score_batch: Callable[[list[list[int]]], Tensor],
+                       batch_size: int = 16) -> Tensor:
+        """(B, C): ``score_batch`` over the rendered ``prompts`` in slices of ``batch_size``, in eval mode
+        (the training flag is restored afterwards); the prompt-scoring batch loop of every family."""
         was_training = self.training
         self.eval()
         try:
             rendered = self.render(prompts)
-            pad = self.tokenizer.pad_token_id
-            scores = torch.cat([self.verbalizer.score(self.forward_hidden, self.lm_head_weight(),
-                                                      rendered[i: i + batch_size], pad)
-                                for i in range(0, len(rendered), batch_size)])
+            return torch.cat([score_batch(rendered[i: i + batch_size])
+                              for i in range(0, len(rendered), batch_size)])
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def score_prompts(self, prompts: list[str], calibrated: bool = True, batch_size: int = 16) -> Tensor:
+        """(B, C) label scores of raw prompt strings in eval mode (calibrated unless told not to)."""
+        if self.verbalizer is None:
+            raise ConfigError(f"{type(self).__name__} has no labels yet: pass labels or fit with data")
+        pad, lm_head = self.tokenizer.pad_token_id, self.lm_head_weight()
+        scores = self.score_rendered(
+            prompts, lambda rows: self.verbalizer.score(self.forward_hidden, lm_head, rows, pad), batch_size)
         return self.verbalizer.calibrate(scores) if calibrated and not self.multi_label else scores
 
     def calibrate(self, prompts: list[str]) -> None:

@@ -237,14 +237,8 @@ class PTECClassifier(ClassificationModule):
     @torch.no_grad()
     def score_prompts(self, prompts: list[str], calibrated: bool = True, batch_size: int = 16) -> Tensor:
         """(B, C) scores of raw prompt strings through the head (no calibration: PTEC has none)."""
-        was_training = self.training
-        self.eval()
-        try:
-            rendered = self.render(prompts)
-            return torch.cat([self.scores_from_logits(self.head_logits(rendered[i: i + batch_size]))
-                              for i in range(0, len(rendered), batch_size)])
-        finally:
-            self.train(was_training)
+        return self.score_rendered(prompts, lambda rows: self.scores_from_logits(self.head_logits(rows)),
+                                   batch_size)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -313,14 +313,7 @@ class SciPromptModule(ClassificationModule):
     @torch.no_grad()
     def score_prompts(self, prompts: list[str], calibrated: bool = True, batch_size: int = 16) -> Tensor:
         """(B, C) class scores of raw prompt strings (calibration is inside the word probabilities)."""
-        was_training = self.training
-        self.eval()
-        try:
-            rendered = self.render(prompts)
-            return torch.cat([self.scores_from_hidden(rendered[i: i + batch_size])
-                              for i in range(0, len(rendered), batch_size)])
-        finally:
-            self.train(was_training)
+        return self.score_rendered(prompts, self.scores_from_hidden, batch_size)
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
