@@ -1,0 +1,83 @@
+"""Data hygiene: word n-gram overlap between training DataModules' train splits and every eval set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zoo.errors import ConfigError
+from zoo.harness.checklist.base import EvalItem
+from zoo.harness.rag.judges import normalize
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = normalize(text).split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def contamination(
+    train: dict[str, list[str]], evals: dict[str, list[str]], n: int = 13
+) -> list[dict[str, Any]]:
+    """For every (training set, eval set) pair: the eval items sharing a word ``n``-gram with the training
+    texts (items shorter than ``n`` words: an exact normalised match). Texts are normalised like the judges
+    (case, punctuation, whitespace). Returns one row per pair with the flagged item indices."""
+    rows = []
+    for train_name, texts in train.items():
+        grams: set[tuple[str, ...]] = set()
+        whole = set()
+        for text in texts:
+            grams |= ngrams(text, n)
+            whole.add(normalize(text))
+        for eval_name, items in evals.items():
+            flagged = [
+                i
+                for i, text in enumerate(items)
+                if (
+                    ngrams(text, n) & grams if len(normalize(text).split()) >= n else normalize(text) in whole
+                )
+            ]
+            rows.append(
+                {
+                    "train": train_name,
+                    "eval": eval_name,
+                    "n": n,
+                    "items": len(items),
+                    "flagged": len(flagged),
+                    "flagged_items": flagged,
+                    "rate": len(flagged) / max(len(items), 1),
+                }
+            )
+    return rows
+
+
+def train_texts(datamodule) -> list[str]:
+    """Prompt and response texts of a DataModule's train split (``load_records()``), fields kept apart."""
+    if not hasattr(datamodule, "load_records"):
+        raise ConfigError(f"{type(datamodule).__name__} has no load_records(): cannot read its train split")
+    texts = []
+    for record in datamodule.load_records().get("train", []):
+        texts += [str(record[k]) for k in ("prompt", "response") if record.get(k)]
+    return texts
+
+
+def eval_texts(result_items: dict[str, list[EvalItem]]) -> dict[str, list[str]]:
+    """The eval sets' prompts (what a contaminated model would have seen), one list per task."""
+    return {task: [i.prompt for i in items] for task, items in result_items.items()}
+
+
+def datamodule_from_config(path: str, overrides: dict[str, Any] | None = None):
+    """The data block of a method config (``data:`` inline or a path beside the config), instantiated."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    config_path = Path(path)
+    config = yaml.safe_load(config_path.read_text()) or {}
+    data = config.get("data")
+    if isinstance(data, str):
+        data = yaml.safe_load((config_path.parent / data).read_text())
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ConfigError(f"{path}: no data block with a class_path")
+    module_name, _, cls = data["class_path"].rpartition(".")
+    data_class = getattr(importlib.import_module(module_name or "zoo.datamodules"), cls)
+    return data_class(**{**(data.get("init_args") or {}), **(overrides or {})})
