@@ -21,6 +21,9 @@ import torch
 from zoo.errors import UsageError, did_you_mean
 from zoo.harness.bench.evaluation import evaluate, evaluate_base, evaluate_checkpoint
 from zoo.harness.bench.items import items_name
+from zoo.harness.bench.lr_grid import add_arguments as add_lr_grid_arguments
+from zoo.harness.bench.lr_grid import check_arguments as check_lr_grid_arguments
+from zoo.harness.bench.lr_grid import grid_for, train_grid_and_evaluate
 from zoo.harness.bench.memory import StepTimer, peak_rss_mb, reset_peak_rss
 from zoo.harness.bench.records import (
     BenchError,
@@ -82,7 +85,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--force", action="store_true",
                         help="with --ckpt: evaluate a run whose run.json says it did not finish")
     add_arguments(parser)  # --reference, --rerun, --method (zoo.harness.bench.rerun)
+    add_lr_grid_arguments(parser)  # --lr-grid, --lr-grid-file (zoo.harness.bench.lr_grid)
     args = parser.parse_args(argv)
+    check_lr_grid_arguments(args)
     try:
         args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError as err:
@@ -230,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(path, args, overrides, out, done, results)
         for number, (config, seed) in enumerate(jobs, start=1):
             try:
-                train_and_evaluate(config, seed, args, overrides, out, done, results, f"{number}/{len(jobs)}")
+                rates = grid_for(config, args)
+                if rates:  # fair learning rates: train the grid, evaluate the val-NLL-best rate on test
+                    train_grid_and_evaluate(config, seed, rates, args, overrides, out, done, results,
+                                            f"{number}/{len(jobs)}")
+                else:
+                    train_and_evaluate(config, seed, args, overrides, out, done, results,
+                                       f"{number}/{len(jobs)}")
             except Exception as err:  # one broken run must not cost the rest of a sweep
                 if len(jobs) == 1 or isinstance(err, Interrupted):
                     raise

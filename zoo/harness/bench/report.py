@@ -30,6 +30,9 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"method": method, "backbone": backbone_name, "seeds": len(group),
                "steps": group[0].get("steps"), "main_metric": group[0].get("main_metric"),
                "budget": group[0].get("budget")}
+        chosen = sorted({r["lr_chosen"] for r in group if r.get("lr_chosen") is not None})
+        if chosen:  # --lr-grid (zoo.harness.bench.lr_grid): the validation-chosen rate(s) of the seeds
+            row["lr"] = chosen
         numeric: dict[str, list[float]] = {}
         for record in group:
             values = dict(record.get("metrics", {}))
@@ -63,8 +66,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     mains = sorted({r["main_metric"] for r in rows if r["main_metric"]})
     extras = [key for key in EXTRA_COLUMNS if key not in mains and any(key in r["stats"] for r in rows)]
     mains = mains + extras
-    header = ["method", "backbone", "steps", "seeds", *mains, "nll", "ppl", "train s", "tokens/s",
-              "peak RSS MB", "trainable params"]
+    with_lr = any(r.get("lr") for r in rows)  # --lr-grid: the chosen learning rate per row
+    header = ["method", "backbone", "steps", "seeds", *(["lr"] if with_lr else []), *mains, "nll", "ppl",
+              "train s", "tokens/s", "peak RSS MB", "trainable params"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     # paired comparisons to the reference row (zoo.harness.bench.stats, --reference)
     reference = next((r["reference"] for r in rows if r.get("reference")), None)
@@ -78,7 +82,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         trainable = r["stats"].get("trainable_params")
         steps = "-" if r["steps"] is None else str(r["steps"])
-        cells = [f"`{r['method']}`", str(r["backbone"]), steps, str(r["seeds"]),
+        lr = [", ".join(f"{v:g}" for v in r.get("lr") or []) or "-"] if with_lr else []
+        cells = [f"`{r['method']}`", str(r["backbone"]), steps, str(r["seeds"]), *lr,
                  *[_cell(r, m) for m in mains], _cell(r, "nll"), _cell(r, "ppl", 2),
                  _cell(r, "train_wall_s", 1), _cell(r, "tokens_per_s", 0), _cell(r, "peak_rss_mb", 0),
                  f"{int(trainable[0]):,}" if trainable else "-"]
@@ -144,7 +149,7 @@ def write_report(results: Path, out: Path, reference: str | None = None) -> list
     from zoo.harness.bench.records import BenchError
     from zoo.harness.bench.stats import attach_comparisons
 
-    records = load_results(results)
+    records = [r for r in load_results(results) if r.get("kind") != "grid"]  # grid points: only their choice
     rows = summarize(records)
     if reference and rows and reference not in {r["method"] for r in rows}:
         raise BenchError(f"--reference {reference}: no such row in {results} (rows: "

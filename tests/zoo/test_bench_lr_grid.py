@@ -1,0 +1,116 @@
+"""``zoo bench --lr-grid`` on the tiny backbone: grid points scored on the validation NLL, the argmin chosen,
+only the chosen run evaluated on test, a rerun adds nothing (zoo.harness.bench.lr_grid)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from zoo.cli import main as zoo_main
+from zoo.errors import ZooError
+from zoo.harness.bench.lr_grid import choose, parse_rates
+from zoo.registry import REPO_ROOT
+
+CONFIG = str(REPO_ROOT / "configs" / "sft.yaml")
+RATES = (1e-4, 5e-2)
+TINY_DATA = ["--", "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "8",
+             "--data.init_args.num_val", "3", "--data.init_args.num_test", "3",
+             "--data.init_args.max_length", "256", "--data.init_args.batch_size", "4",
+             "--model.init_args.warmup_steps", "0",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+ARGV = ["bench", CONFIG, "--lr-grid", ",".join(map(str, RATES)), "--seeds", "0", "--limit", "1",
+        "--max_new_tokens", "4", "--max_steps", "2", "--no-base", "--model", "tiny-llama"]
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def grid_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lr_grid")
+    assert zoo_main([*ARGV, "--out", str(out), *TINY_DATA]) == 0
+    return out
+
+
+def val_nll_by_hand(record) -> float:
+    """The grid point's validation response NLL recomputed from its HF export with plain transformers:
+    shifted cross entropy over the response tokens (labels != -100) of the validation split."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.harness.bench.evaluation import build_datamodule
+
+    export = f"{record['run_dir']}/export"
+    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
+    config = yaml.safe_load(record["resolved_config"])
+    datamodule, _ = build_datamodule(argparse.Namespace(data_config=None), config, "tiny-llama", [])
+    datamodule.setup("validate")
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).double(), targets,
+                                                       ignore_index=-100, reduction="sum")
+            total += float(losses)
+            tokens += int((targets != -100).sum())
+    return total / tokens
+
+
+def test_grid_records_and_choice(grid_out):
+    records = read(grid_out / "results.jsonl")
+    grid = [r for r in records if r["kind"] == "grid"]
+    trained = [r for r in records if r["kind"] == "train"]
+    assert sorted(r["lr"] for r in grid) == sorted(RATES)
+    assert len(trained) == 1  # only the chosen run has a test record
+    record = trained[0]
+    by_hand = {r["lr"]: val_nll_by_hand(r) for r in grid}
+    for point in grid:
+        assert point["val_nll"] == pytest.approx(by_hand[point["lr"]], rel=1e-4)
+        assert yaml.safe_load(point["resolved_config"])["model"]["init_args"]["lr"] == point["lr"]
+    assert by_hand[RATES[0]] != pytest.approx(by_hand[RATES[1]], rel=1e-3)  # the grid really discriminates
+    best = min(by_hand, key=by_hand.get)
+    assert record["lr_chosen"] == best
+    assert {float(k): v for k, v in record["lr_grid"].items()} == {r["lr"]: r["val_nll"] for r in grid}
+    chosen_point = next(r for r in grid if r["lr"] == best)
+    assert record["run_dir"] == chosen_point["run_dir"]
+    assert record["eval_examples"] == 1 and math.isfinite(record["metrics"]["nll"])
+    assert "exact_match" in record["metrics"]
+    # results.md: one row, the chosen rate in its lr column; grid points are not rows
+    lines = (grid_out / "results.md").read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [line for line in lines[2:] if line.startswith("| `")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert float(cells[header.index("lr")]) == best
+
+
+def test_rerun_adds_nothing(grid_out):
+    before = (grid_out / "results.jsonl").read_text()
+    assert zoo_main([*ARGV, "--out", str(grid_out), *TINY_DATA]) == 0
+    assert (grid_out / "results.jsonl").read_text() == before
+
+
+def test_rate_parsing_and_choice():
+    assert parse_rates("1e-3, 1e-5,1e-4,1e-3", "--lr-grid") == [1e-5, 1e-4, 1e-3]
+    for bad in ("", "fast", "-1e-4", "0", "nan"):
+        with pytest.raises(ZooError):
+            parse_rates(bad, "--lr-grid")
+    assert choose({1e-4: 2.0, 1e-3: 1.5, 1e-2: float("nan")}) == 1e-3
+    assert choose({1e-4: 1.5, 1e-3: 1.5}) == 1e-4  # ties: the smaller rate
+    with pytest.raises(ZooError):
+        choose({1e-3: float("inf")})
+
+
+def test_grid_file_names_unknown_method(tmp_path, capsys):
+    grids = tmp_path / "grids.yaml"
+    grids.write_text("sfft: [1e-4, 1e-3]\n")
+    assert zoo_main(["bench", CONFIG, "--lr-grid-file", str(grids), "--out", str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err
+    assert "sfft is not among the configs' methods (sft)" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()  # refused before anything ran

@@ -1,0 +1,237 @@
+"""Fair learning rates (issue 13): ``zoo bench --lr-grid 1e-5,1e-4,1e-3`` or ``--lr-grid-file grids.yaml``.
+
+For each config x seed the method is trained once per rate (``--model.init_args.lr RATE``, same budget,
+same seed; run directory ``OUT/runs/<method>-s<seed>-steps<N>-lr<RATE>``) and scored on the data's
+VALIDATION split response NLL only (:func:`~zoo.harness.bench.items.response_nll_items` with
+``split="val"``; no generation, so the grid costs training time). Each grid point is a record of kind
+``"grid"`` in ``results.jsonl`` (``lr``, ``val_nll``, training cost), keyed like the others, so a rerun skips
+finished points. The rate with the lowest validation NLL is chosen (ties: the smaller rate) and only that
+run is evaluated on test (generation + NLL), from its export (``zoo.load``): the usual ``"train"`` record
+plus ``lr_grid`` (``{rate: val_nll}``) and ``lr_chosen``.
+
+Only ``model.init_args.lr`` is searched. Modules with other rate knobs (ProMoT's ``prompt_lr`` /
+``model_lr``, DePT's ``lowrank_lr``, ...) keep their config's values for those; set them with
+``-- --model.init_args.NAME VALUE`` if they should move too.
+
+``--lr-grid-file`` is a YAML mapping of method name (registry name, else the config's file stem) to a list
+of rates, e.g. ``{sft: [1e-5, 1e-4], lora: [1e-4, 1e-3]}``; a method it does not name uses ``--lr-grid``
+when given, else is trained once at its config's rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.harness.bench.records import (
+    BenchError,
+    append_result,
+    backbone_of,
+    budget,
+    config_hash,
+    count_parameters,
+    data_block,
+    digest,
+    environment,
+    format_metrics,
+    load_results,
+    log,
+    method_name,
+    record_key,
+)
+
+__all__ = ["add_arguments", "choose", "grid_for", "parse_rates", "train_grid_and_evaluate"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lr-grid", dest="lr_grid", default=None,
+                        help="comma-separated learning rates (model.init_args.lr) to train each config at; "
+                             "the rate with the lowest validation NLL is evaluated on test")
+    parser.add_argument("--lr-grid-file", dest="lr_grid_file", default=None,
+                        help="YAML mapping method name -> list of rates (per-method grids)")
+
+
+def parse_rates(text: Any, where: str) -> list[float]:
+    """Rates from ``"1e-5,1e-4"`` or a list; each positive and finite, duplicates dropped, sorted."""
+    items = [s for s in str(text).split(",") if s.strip()] if isinstance(text, str) else text
+    if not isinstance(items, (list, tuple)) or not items:
+        raise BenchError(f"{where}: give learning rates as a comma list or YAML list, e.g. 1e-5,1e-4,1e-3")
+    rates = []
+    for item in items:
+        try:
+            rate = float(item)
+        except (TypeError, ValueError) as err:
+            raise BenchError(f"{where}: {item!r} is not a number; give rates like 1e-4") from err
+        if not (math.isfinite(rate) and rate > 0):
+            raise BenchError(f"{where}: {item!r} is not a positive learning rate; give rates like 1e-4")
+        rates.append(rate)
+    return sorted(set(rates))
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Parse ``--lr-grid`` / ``--lr-grid-file`` into ``args.lr_rates`` and ``args.lr_grids``."""
+    args.lr_rates = parse_rates(args.lr_grid, "--lr-grid") if args.lr_grid is not None else None
+    args.lr_grids = {}
+    if args.lr_grid_file is not None:
+        import yaml
+
+        path = Path(args.lr_grid_file)
+        if not path.is_file():
+            raise BenchError(f"--lr-grid-file {path}: file not found")
+        try:
+            mapping = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise BenchError(f"--lr-grid-file {path}: not valid YAML ({err.__class__.__name__})") from err
+        if not isinstance(mapping, dict) or not mapping:
+            raise BenchError(f"--lr-grid-file {path}: expected a mapping of method name to a list of rates, "
+                             "e.g. `sft: [1e-5, 1e-4]`")
+        args.lr_grids = {str(k): parse_rates(v, f"--lr-grid-file {path}: {k}") for k, v in mapping.items()}
+        methods = {method_name(Path(c)) for c in args.configs}
+        unknown = sorted(set(args.lr_grids) - methods)
+        if unknown and args.configs:
+            raise BenchError(f"--lr-grid-file {path}: {', '.join(unknown)} is not among the configs' methods "
+                             f"({', '.join(sorted(methods))}); use those names")
+    if (args.lr_rates or args.lr_grids) and getattr(args, "ckpt", None) and not args.configs:
+        raise BenchError("--lr-grid trains configs; it does not apply to --ckpt alone")
+
+
+def grid_for(config: Path, args: argparse.Namespace) -> list[float] | None:
+    """The rates to search for ``config`` (its method's entry in --lr-grid-file, else --lr-grid), or None."""
+    grids = getattr(args, "lr_grids", None) or {}
+    return grids.get(method_name(config), getattr(args, "lr_rates", None))
+
+
+def choose(val_nll: dict[float, float]) -> float:
+    """The rate with the lowest finite validation NLL (ties: the smaller rate)."""
+    finite = {rate: nll for rate, nll in val_nll.items() if nll is not None and math.isfinite(nll)}
+    if not finite:
+        raise BenchError(f"every grid point diverged (validation NLL {val_nll}); try smaller rates")
+    return min(sorted(finite), key=lambda rate: finite[rate])
+
+
+def rate_text(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, overrides: list[str],
+                out: Path, done: set, results: Path, position: str) -> dict[str, Any]:
+    """Train one grid point (or find its record) and return its grid record."""
+    from zoo.harness.bench.driver import build_cli, cli_args, drop_checkpointing
+    from zoo.harness.bench.evaluation import evaluate_base
+    from zoo.harness.bench.items import response_nll_items
+    from zoo.harness.bench.memory import StepTimer, peak_rss_mb, reset_peak_rss
+    from zoo.harness.bench.rerun import resolved_config
+
+    method = method_name(config)
+    point_overrides = list(overrides) + ["--model.init_args.lr", rate_text(rate)]
+    steps = args.max_steps if args.max_steps is not None else "config"
+    record = {"method": method, "kind": "grid", "config": str(config),
+              "config_hash": digest("lr-grid-point", config_hash(config, args, point_overrides)),
+              "seed": seed, "budget": budget(args, steps), "lr": rate}
+    if record_key(record) in done:
+        found = [r for r in load_results(results)
+                 if r.get("kind") == "grid" and record_key(r) == record_key(record)]
+        if found:
+            log(f"{position} {method} seed {seed} lr {rate_text(rate)}: already in {results.name}, skipped")
+            return found[-1]
+    run_dir = out / "runs" / f"{method}-s{seed}-steps{steps}-lr{rate_text(rate)}"
+    if run_dir.exists():  # an interrupted grid point: start it again
+        shutil.rmtree(run_dir)
+    argv = cli_args(config, seed, args, point_overrides)
+    cli = build_cli(argv, run_dir=run_dir)
+    record.update(resolved_config=resolved_config(cli), cli_args=argv, overrides=point_overrides)
+    if args.base:
+        evaluate_base(cli, args, out, config, done, results)
+    trainer, module = cli.trainer, cli.model
+    if not args.keep_checkpoints:
+        drop_checkpointing(trainer)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    log(f"{position} {method} seed {seed} lr {rate_text(rate)}: training {trainer.max_steps} steps ...")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=cli.datamodule)
+    wall = time.perf_counter() - started
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    module.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    val = response_nll_items(module, cli.datamodule, "val")  # the selection signal: no generation
+    trainable, total = count_parameters(module)
+    record.update(backbone=backbone_of(module), module=type(module).__name__,
+                  dataset=data_block(cli).get("init_args", {}).get("dataset"), run_dir=str(run_dir),
+                  val_nll=val["nll"], val_tokens=val["tokens"], train_wall_s=wall, **timer.summary(),
+                  peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda, trainable_params=trainable,
+                  total_params=total, steps=int(trainer.global_step), **environment(),
+                  time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    append_result(results, record)
+    done.add(record_key(record))
+    log(f"{position} {method} seed {seed} lr {rate_text(rate)}: validation NLL {val['nll']:.4f}")
+    del cli, module, trainer
+    gc.collect()
+    return record
+
+
+def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: argparse.Namespace,
+                            overrides: list[str], out: Path, done: set, results: Path, position: str) -> None:
+    """The grid for one config x seed, the choice, and the chosen run's test record."""
+    from zoo.harness.bench.evaluation import evaluate
+    from zoo.harness.bench.items import items_name
+    from zoo.harness.load import LoadError, load_run
+
+    method = method_name(config)
+    steps = args.max_steps if args.max_steps is not None else "config"
+    record = {"method": method, "kind": "train", "config": str(config),
+              "config_hash": digest(config_hash(config, args, overrides), "lr-grid", rates),
+              "seed": seed, "budget": budget(args, steps)}
+    if record_key(record) in done:
+        log(f"{position} {method} seed {seed}: lr grid already in {results.name}, skipped")
+        return
+    points = {rate: _grid_point(config, seed, rate, args, overrides, out, done, results, position)
+              for rate in rates}
+    val_nll = {rate: point.get("val_nll") for rate, point in points.items()}
+    chosen = choose(val_nll)
+    point = points[chosen]
+    table = ", ".join(f"{rate_text(r)}: {v:.4f}" if v is not None else f"{rate_text(r)}: -"
+                      for r, v in val_nll.items())
+    log(f"{position} {method} seed {seed}: validation NLL by lr {table} -> chose lr {rate_text(chosen)}; "
+        "evaluating it on test ...")
+    try:
+        module = load_run(point["run_dir"], model=args.model)
+    except LoadError as err:
+        raise BenchError(f"the chosen grid run {point['run_dir']} has no usable export ({err}); "
+                         "delete its grid record from results.jsonl to retrain it") from err
+    datamodule = _datamodule(point, args)
+    result = evaluate(module, datamodule, args, Path(point["run_dir"]) / "completions.jsonl",
+                      out / "items" / items_name(record))
+    keep = ("resolved_config", "cli_args", "overrides", "backbone", "module", "dataset", "run_dir",
+            "train_wall_s", "train_step_s", "tokens_per_s", "train_tokens", "peak_rss_mb", "peak_cuda_mb",
+            "trainable_params", "total_params", "steps")
+    record.update({key: point[key] for key in keep if key in point})
+    record.update(**result,
+                  lr_grid={rate_text(r): v for r, v in val_nll.items()}, lr_chosen=chosen, **environment(),
+                  time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    append_result(results, record)
+    done.add(record_key(record))
+    log(f"{position} {method} seed {seed} (lr {rate_text(chosen)}): {format_metrics(record)}")
+    del module, datamodule
+    gc.collect()
+
+
+def _datamodule(point: dict[str, Any], args: argparse.Namespace):
+    """The chosen grid run's data module, from the data block of its resolved config (nothing trained)."""
+    import yaml
+
+    from zoo.harness.bench.evaluation import build_datamodule
+
+    config = yaml.safe_load(point["resolved_config"])
+    plain = argparse.Namespace(**{**vars(args), "data_config": None})  # the resolved block has it already
+    datamodule, _ = build_datamodule(plain, config, str(point["backbone"]), [])
+    return datamodule
