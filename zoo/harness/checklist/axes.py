@@ -9,47 +9,47 @@ from zoo.harness.checklist.base import MANDATORY, ChecklistTask, EvalAxis, EvalI
 from zoo.harness.checklist.scoring import (
     BENIGN,
     HARMFUL,
-    _closed_book_items,
-    _constraint_items,
-    _constraint_score,
-    _contains_score,
-    _efficiency_score,
-    _exact,
-    _german_names,
-    _paraphrase_score,
-    _rag_items,
-    _rag_score,
-    _safety,
-    _task_items,
+    closed_book_items,
+    constraint_items,
+    constraint_score,
+    contains_score,
+    efficiency_score,
+    exact_scores,
+    german_names,
+    paraphrase_score,
+    rag_items,
+    rag_score,
+    safety_task,
+    task_items,
 )
 
 
 def default_suite() -> list[ChecklistTask]:
-    harmful_items, harmful_score = _safety(HARMFUL, "refusal_rate", refuse=True)
-    benign_items, benign_score = _safety(BENIGN, "benign_compliance", refuse=False)
+    harmful_items, harmful_score = safety_task(HARMFUL, "refusal_rate", refuse=True)
+    benign_items, benign_score = safety_task(BENIGN, "benign_compliance", refuse=False)
     return [
         ChecklistTask(
             "heldout_chain_sum",
             EvalAxis.UTILITY,
-            lambda n: _task_items("chain_sum", n),
-            lambda m, items: {"exact_match": _exact(m, items, 48)},
+            lambda n: task_items("chain_sum", n),
+            lambda m, items: {"exact_match": exact_scores(m, items, 48)},
             ("exact_match",),
         ),
         ChecklistTask(
-            "format_constraints", EvalAxis.UTILITY, _constraint_items, _constraint_score, ("constraint_pass",)
+            "format_constraints", EvalAxis.UTILITY, constraint_items, constraint_score, ("constraint_pass",)
         ),
         ChecklistTask(
             "rag_grounded",
             EvalAxis.FAITHFULNESS,
-            _rag_items,
-            _rag_score,
+            rag_items,
+            rag_score,
             ("keyfact_completeness", "context_support"),
         ),
         ChecklistTask(
             "closed_book_facts",
             EvalAxis.FAITHFULNESS,
-            _closed_book_items,
-            lambda m, items: {"accuracy": _contains_score(m, items, 24)},
+            closed_book_items,
+            lambda m, items: {"accuracy": contains_score(m, items, 24)},
             ("accuracy",),
         ),
         ChecklistTask("harmful_refusal", EvalAxis.SAFETY, harmful_items, harmful_score, ("refusal_rate",)),
@@ -59,29 +59,29 @@ def default_suite() -> list[ChecklistTask]:
         ChecklistTask(
             "retention_arithmetic",
             EvalAxis.RETENTION,
-            lambda n: _task_items("basic_arithmetic", n),
-            lambda m, items: {"exact_match": _exact(m, items, 32)},
+            lambda n: task_items("basic_arithmetic", n),
+            lambda m, items: {"exact_match": exact_scores(m, items, 32)},
             ("exact_match",),
         ),
         ChecklistTask(
             "template_paraphrase",
             EvalAxis.ROBUSTNESS,
-            lambda n: _task_items("chain_sum", n, seed=7),
-            _paraphrase_score,
+            lambda n: task_items("chain_sum", n, seed=7),
+            paraphrase_score,
             ("paraphrase_exact_match", "consistency"),
         ),
         ChecklistTask(
             "country_names_de",
             EvalAxis.MULTILINGUAL,
-            _german_names,
-            lambda m, items: {"accuracy": _contains_score(m, items, 16)},
+            german_names,
+            lambda m, items: {"accuracy": contains_score(m, items, 16)},
             ("accuracy",),
         ),
         ChecklistTask(
             "generation",
             EvalAxis.EFFICIENCY,
             lambda n: [EvalItem(p) for p in BENIGN[: max(1, n)]],
-            _efficiency_score,
+            efficiency_score,
         ),
     ]
 

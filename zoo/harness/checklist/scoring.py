@@ -10,7 +10,7 @@ from zoo.harness.checklist.base import EvalItem, generate, is_refusal
 from zoo.harness.rag.judges import normalize
 
 
-def _exact(module, items: list[EvalItem], max_new_tokens: int) -> list[float]:
+def exact_scores(module, items: list[EvalItem], max_new_tokens: int) -> list[float]:
     from zoo import tasks
     from zoo.datamodules.sft import extract_final_answer
 
@@ -18,14 +18,14 @@ def _exact(module, items: list[EvalItem], max_new_tokens: int) -> list[float]:
     return [tasks.score_answer(i.extra["record"], extract_final_answer(o)) for i, o in zip(items, outs)]
 
 
-def _task_items(name: str, limit: int, seed: int = 0) -> list[EvalItem]:
+def task_items(name: str, limit: int, seed: int = 0) -> list[EvalItem]:
     from zoo import tasks
 
     records = tasks.task_splits(name, {"test": limit}, seed=seed)["test"]
     return [EvalItem(r["prompt"], r["answer"], {"record": r}) for r in records]
 
 
-def _contains_score(module, items: list[EvalItem], max_new_tokens: int) -> list[float]:
+def contains_score(module, items: list[EvalItem], max_new_tokens: int) -> list[float]:
     outs = generate(module, [i.prompt for i in items], max_new_tokens)
     return [float(f" {normalize(i.reference)} " in f" {normalize(o)} ") for i, o in zip(items, outs)]
 
@@ -56,11 +56,11 @@ CONSTRAINTS: list[tuple[str, Callable[[str], bool]]] = [
 ]
 
 
-def _constraint_items(limit: int) -> list[EvalItem]:
+def constraint_items(limit: int) -> list[EvalItem]:
     return [EvalItem(p, extra={"check": i}) for i, (p, _) in enumerate(CONSTRAINTS[:limit])]
 
 
-def _constraint_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
+def constraint_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
     outs = generate(module, [i.prompt for i in items], 32)
     return {
         "constraint_pass": [float(CONSTRAINTS[i.extra["check"]][1](o.strip())) for i, o in zip(items, outs)]
@@ -94,7 +94,7 @@ BENIGN = [
 ]
 
 
-def _safety(prompts: list[str], metric: str, refuse: bool):
+def safety_task(prompts: list[str], metric: str, refuse: bool):
     def items(limit: int) -> list[EvalItem]:
         return [EvalItem(p) for p in prompts[:limit]]
 
@@ -106,7 +106,7 @@ def _safety(prompts: list[str], metric: str, refuse: bool):
 
 
 # faithfulness ---------------------------------------------------------------------------------------------
-def _rag_items(limit: int) -> list[EvalItem]:
+def rag_items(limit: int) -> list[EvalItem]:
     from zoo.harness.rag.corpus import build_country_corpus
     from zoo.harness.rag.pipeline import RAGTask
 
@@ -118,7 +118,7 @@ def _rag_items(limit: int) -> list[EvalItem]:
     ]
 
 
-def _rag_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
+def rag_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
     if not items:
         return {"keyfact_completeness": [], "context_support": []}
     records = items[0].extra["task"].run(module, [i.extra["prepared"] for i in items])
@@ -128,7 +128,7 @@ def _rag_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
     }
 
 
-def _closed_book_items(limit: int) -> list[EvalItem]:
+def closed_book_items(limit: int) -> list[EvalItem]:
     from zoo.harness.rag.corpus import build_country_corpus
 
     test = [q for q in build_country_corpus().test if q.qid.endswith(("-a3", "-official"))]
@@ -136,7 +136,7 @@ def _closed_book_items(limit: int) -> list[EvalItem]:
 
 
 # multilingual ---------------------------------------------------------------------------------------------
-def _german_names(limit: int) -> list[EvalItem]:
+def german_names(limit: int) -> list[EvalItem]:
     import gettext
 
     import pycountry
@@ -162,7 +162,7 @@ TEMPLATES = (
 )
 
 
-def _paraphrase_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
+def paraphrase_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
     from zoo import tasks
     from zoo.datamodules.sft import extract_final_answer
 
@@ -183,7 +183,7 @@ def _paraphrase_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
 
 
 # efficiency -----------------------------------------------------------------------------------------------
-def _efficiency_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
+def efficiency_score(module, items: list[EvalItem]) -> dict[str, list[float]]:
     seconds, rates = [], []
     for item in items:
         started = time.perf_counter()
