@@ -96,6 +96,21 @@ def test_rerun_adds_nothing(grid_out):
     assert (grid_out / "results.jsonl").read_text() == before
 
 
+def test_interrupted_after_the_grid_resumes_without_retraining(grid_out):
+    """A sweep cut off after its grid points but before the test record: the rerun trains nothing, loads the
+    chosen run's export and writes the one missing record, with the same choice and test NLL."""
+    path = grid_out / "results.jsonl"
+    records = read(path)
+    trained = next(r for r in records if r["kind"] == "train")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records if r["kind"] != "train"))
+    assert zoo_main([*ARGV, "--out", str(grid_out), *TINY_DATA]) == 0
+    again = read(path)
+    assert [r for r in again if r["kind"] == "grid"] == [r for r in records if r["kind"] == "grid"]
+    (redone,) = [r for r in again if r["kind"] == "train"]
+    assert redone["lr_chosen"] == trained["lr_chosen"] and redone["lr_grid"] == trained["lr_grid"]
+    assert redone["metrics"]["nll"] == pytest.approx(trained["metrics"]["nll"], rel=1e-6)
+
+
 def test_rate_parsing_and_choice():
     assert parse_rates("1e-3, 1e-5,1e-4,1e-3", "--lr-grid") == [1e-5, 1e-4, 1e-3]
     for bad in ("", "fast", "-1e-4", "0", "nan"):
