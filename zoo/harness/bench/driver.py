@@ -160,6 +160,25 @@ def drop_checkpointing(trainer) -> None:
 
 
 
+def fit_measured(cli, args: argparse.Namespace, label: str) -> tuple[StepTimer, float, float | None]:
+    """Fit ``cli``'s module on its data with the bench's measurements: step timer, wall seconds and the
+    run's own peak memory (RSS reset before; CUDA peak in MiB where there is a GPU)."""
+    trainer = cli.trainer
+    if not args.keep_checkpoints:
+        drop_checkpointing(trainer)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    log(f"{label}: training {trainer.max_steps} steps ...")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    started = time.perf_counter()
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    wall = time.perf_counter() - started
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return timer, wall, peak_cuda
+
+
 def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overrides: list[str], out: Path,
                        done: set, results: Path, position: str, extra: dict | None = None) -> None:
     method = method_name(config)
@@ -181,18 +200,7 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
     if args.base:
         evaluate_base(cli, args, out, config, done, results)
     trainer, module = cli.trainer, cli.model
-    if not args.keep_checkpoints:
-        drop_checkpointing(trainer)
-    timer = StepTimer()
-    trainer.callbacks.append(timer)
-    log(f"{position} {method} seed {seed}: training {trainer.max_steps} steps ...")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=cli.datamodule)
-    wall = time.perf_counter() - started
-    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    timer, wall, peak_cuda = fit_measured(cli, args, f"{position} {method} seed {seed}")
     log(f"{position} {method} seed {seed}: trained in {wall:.1f} s, evaluating ...")
     result = evaluate(module, cli.datamodule, args, run_dir / "completions.jsonl",
                       out / "items" / items_name(record))

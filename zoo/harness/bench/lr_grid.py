@@ -123,10 +123,10 @@ def rate_text(rate: float) -> str:
 def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, overrides: list[str],
                 out: Path, done: set, results: Path, position: str) -> dict[str, Any]:
     """Train one grid point (or find its record) and return its grid record."""
-    from zoo.harness.bench.driver import build_cli, cli_args, drop_checkpointing
+    from zoo.harness.bench.driver import build_cli, cli_args, fit_measured
     from zoo.harness.bench.evaluation import evaluate_base
     from zoo.harness.bench.items import response_nll_items
-    from zoo.harness.bench.memory import StepTimer, peak_rss_mb, reset_peak_rss
+    from zoo.harness.bench.memory import peak_rss_mb
     from zoo.harness.bench.rerun import resolved_config
 
     method = method_name(config)
@@ -150,18 +150,7 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
     if args.base:
         evaluate_base(cli, args, out, config, done, results)
     trainer, module = cli.trainer, cli.model
-    if not args.keep_checkpoints:
-        drop_checkpointing(trainer)
-    timer = StepTimer()
-    trainer.callbacks.append(timer)
-    log(f"{position} {method} seed {seed} lr {rate_text(rate)}: training {trainer.max_steps} steps ...")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=cli.datamodule)
-    wall = time.perf_counter() - started
-    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    timer, wall, peak_cuda = fit_measured(cli, args, f"{position} {method} seed {seed} lr {rate_text(rate)}")
     module.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     val = response_nll_items(module, cli.datamodule, "val")  # the selection signal: no generation
     trainable, total = count_parameters(module)
