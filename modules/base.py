@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import backbone, decoding
-from zoo.errors import ConfigError, TrainingError
+from zoo.errors import ConfigError, TrainingError, check_range
 from zoo.kernels.selected_ce import selected_linear_cross_entropy
 from zoo.labels import target_mask  # re-exported: methods import it from here
 from zoo.modules.adapters.base import Adapter, outermost_init_args
@@ -199,6 +199,8 @@ class CausalLMModule(L.LightningModule):
                 :class:`zoo.modules.adapters.Adapter` from YAML (``class_path`` / ``init_args``); default
                 none.
         """
+        check_range("model.init_args.lr", lr, 0.0, low_open=True, hint="a positive learning rate, e.g. 1e-4")
+        check_range("model.init_args.warmup_steps", warmup_steps, 0, hint="0 turns warm-up off")
         super().__init__()
         self._given_args = outermost_init_args(self)
         self.save_hyperparameters(ignore=["adapter"])

@@ -85,7 +85,9 @@ CASES = [
     yaml_case("yaml-unknown-top-key", "trainr:\n  max_steps: 3\n", 2, "trainr", "did you mean 'trainer"),
     Case("missing-config-file", ["fit", "--config", "{tmp}/nope.yaml"], 2, ("nope.yaml", "does not exist")),
     Case("negative-exponent-value", ["fit", "--model.init_args.lr", "-1e-3"], 1,
-         ("learning rate", "-0.001")),  # parsed (not "expected one argument"), then refused by the optimizer
+         ("model.init_args.lr", "-0.001", "positive learning rate")),  # parsed, then refused at construction
+    Case("warmup-negative", ["fit", "--model.init_args.warmup_steps", "-5"], 1,
+         ("model.init_args.warmup_steps", "-5")),
     Case("accelerator-name", ["fit", "--trainer.accelerator", "gpux"], 1, ("invalid accelerator", "gpux")),
     Case("batch-size-zero", ["fit", "--data.init_args.batch_size", "0"], 1, ("batch_size", "got 0")),
     Case("max-length-zero", ["fit", "--data.init_args.max_length", "0"], 1, ("max_length", "got 0")),
@@ -141,7 +143,7 @@ CASES = [
     Case("adapter-folder-as-model", ["fit", "--model.init_args.model", "{tmp}/lora"], 1,
          ("lora", "peft adapter"), {"lora/adapter_config.json": "{}"}),
     Case("truncated-weights-file", ["fit", "--model.init_args.model", "{tmp}/cut"], 1,
-         ("cannot load the model in", "cut"),
+         ("cannot load the model weights in", "cut", "re-download"),
          {"cut/config.json": json.dumps({"model_type": "llama"}), "cut/model.safetensors": b"\x08\x00\x00"}),
     # ---- bench arguments
     Case("bench-negative-limit", ["bench", TINY, "--limit", "-1", "--out", "{tmp}/b"], 1,

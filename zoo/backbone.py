@@ -86,18 +86,22 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype, trust_remote_code: b
         if not weights:
             raise BackboneError(f"{local} holds no model weights (model.safetensors); an adapter run's "
                                 "export loads with zoo.load(RUN_DIR), or pass the base model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    part = "weights"
+    try:  # weights first: a folder with truncated weights AND no tokenizer is reported for its weights
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
         )
+        part = "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as err:
         if local is not None:  # a truncated or corrupt file in a local folder (or the zoo cache)
             cached = local.resolve() == (cache_dir() / SMOLLM2).resolve()
-            fix = f"delete {local} to convert it again" if cached else "re-download or re-export it"
+            fix = (f"delete {local} to convert it again" if cached
+                   else "re-download or re-export it" if part == "weights"
+                   else "copy its base model's tokenizer files (tokenizer.json, tokenizer_config.json) there")
             detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise BackboneError(f"cannot load the model in {local}: {type(err).__name__}: {detail}; {fix}"
-                                ) from err
+            raise BackboneError(f"cannot load the model {part} in {local}: {type(err).__name__}: {detail}; "
+                                f"{fix}") from err
         if not isinstance(err, OSError):
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
