@@ -128,6 +128,28 @@ def test_conjugate_probe_maps_answers_back_before_scoring():
     assert score(literal, data, records, make_transform("identity"), args)[1] == 0.0
 
 
+def test_conjugate_per_item_scores_and_paired_drop_interval():
+    import argparse
+
+    from zoo.datamodules.transforms import ICLvsIFData, make_transform
+    from zoo.harness.analyze.conjugate import drop_interval, score
+
+    data = ICLvsIFData(num_test=4)
+    records = data.eval_records()
+    args = argparse.Namespace(max_new_tokens=10, batch_size=4)
+    identity = make_transform("identity")
+    every = EchoModule({r["prompt"]: " " + r["answer"] for r in records})
+    first_only = EchoModule({r["prompt"]: " " + r["answer"] for r in records[:1]})
+    base_items = score(every, data, records, identity, args)[3]
+    tuned_items = score(first_only, data, records, identity, args)[3]
+    assert (base_items, tuned_items) == ([1.0] * 4, [1.0, 0.0, 0.0, 0.0])
+    interval = drop_interval(base_items, tuned_items)  # per-item drops 0, 1, 1, 1
+    assert interval["drop"] == 0.75 and (interval["base_better"], interval["tuned_better"]) == (3, 0)
+    assert interval["sign_p"] == 0.25  # two-sided exact sign test, 3 of 3: 2 / 2**3
+    assert 0.0 <= interval["low"] <= 0.75 <= interval["high"] <= 1.0
+    assert drop_interval(None, tuned_items) is None
+
+
 def test_conjugate_identity_reproduces_the_bench_harness(lora_export, tmp_path):
     import argparse
 

@@ -9,10 +9,12 @@ rewritten by ``t.apply``, completed by the harness generation (:func:`zoo.harnes
 generate_for_module`: each module's own decoding and the data's system prompt), mapped back with
 ``t.map_answer`` and scored by the data module's ``evaluation_metrics`` (its first metric is the one
 compared). ``drop_t = score(base, t) - score(tuned, t)``; conjugate prompting recovers the capability when
-``drop_t < drop_identity``. Without ``--data-config`` the task is the repo's ICL-vs-instruction-following
-probe (capitalise/repeat demos, then a question: correct = the output starts with the in-context answer;
-10 new tokens, greedy). With ``--data-config`` the data block of that config (or of the run) is built
-as ``zoo bench --ckpt`` does.
+``drop_t < drop_identity``. When the data module scores items one by one (``score_completion``), the
+record also holds the per-item scores, the paired bootstrap CI of ``drop_t`` (same items, base - tuned) and
+of the recovery ``drop_identity - drop_t`` (same items under both transforms). Without ``--data-config``
+the task is the repo's ICL-vs-instruction-following probe (capitalise/repeat demos, then a question:
+correct = the output starts with the in-context answer; 10 new tokens, greedy). With ``--data-config``
+the data block of that config (or of the run) is built as ``zoo bench --ckpt`` does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from zoo.datamodules.transforms import ICLvsIFData, make_transform
 from zoo.errors import ConfigError
 from zoo.harness.analyze.common import Report, add_model_arguments, format_table, load_pair, new_figure
 from zoo.harness.generation import generate_for_module
+from zoo.harness.rag.stats import paired_delta
 
 HELP = "Conjugate prompting: a task under prompt transforms, base vs tuned score and gap (spec 17)."
 
@@ -49,8 +52,9 @@ def task_data(args: argparse.Namespace, tokenizer: str) -> Any:
 
 
 def score(module: Any, data: Any, records: list[dict[str, Any]], transform: Any,
-          args: argparse.Namespace) -> tuple[str, float, list[str]]:
-    """(metric name, value, mapped completions) of ``module`` on ``records`` under ``transform``."""
+          args: argparse.Namespace) -> tuple[str, float, list[str], list[float] | None]:
+    """(metric name, value, mapped completions, per-item scores or None) of ``module`` on ``records`` under
+    ``transform``; per-item scores come from ``data.score_completion`` when their mean is the metric."""
     prompts = [transform.apply(r["prompt"]) for r in records]
     completions = generate_for_module(module, prompts, max_new_tokens=args.max_new_tokens,
                                       system_prompt=data.hparams.get("system_prompt"),
@@ -58,7 +62,22 @@ def score(module: Any, data: Any, records: list[dict[str, Any]], transform: Any,
     mapped = [transform.map_answer(c) for c in completions]
     metrics = data.evaluation_metrics(records, mapped)
     name = next(iter(metrics))
-    return name, float(metrics[name]), mapped
+    per_item = None
+    if callable(getattr(data, "score_completion", None)):
+        per_item = [float(data.score_completion(r, c).get(name, float("nan")))
+                    for r, c in zip(records, mapped)]
+        if not per_item or abs(sum(per_item) / len(per_item) - float(metrics[name])) > 1e-9:
+            per_item = None  # a corpus-level metric: no per-item pairing
+    return name, float(metrics[name]), mapped, per_item
+
+
+def drop_interval(base_items: list[float] | None, tuned_items: list[float] | None) -> dict[str, Any] | None:
+    """Paired bootstrap CI of ``drop = base - tuned`` over the same items (None without per-item scores)."""
+    if base_items is None or tuned_items is None:
+        return None
+    delta = paired_delta(base_items, tuned_items)
+    return {"drop": delta["delta"], "low": delta["low"], "high": delta["high"], "n": delta["n"],
+            "base_better": delta["wins"], "tuned_better": delta["losses"], "sign_p": delta["sign_p"]}
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -74,21 +93,33 @@ def run(args: argparse.Namespace) -> Report:
     metric = ""
     for transform in transforms:
         with pair.base() as module:
-            metric, base_score, base_out = score(module, data, records, transform, args)
+            metric, base_score, base_out, base_items = score(module, data, records, transform, args)
         with pair.tuned() as module:
-            metric, tuned_score, tuned_out = score(module, data, records, transform, args)
+            metric, tuned_score, tuned_out, tuned_items = score(module, data, records, transform, args)
         drop = base_score - tuned_score
         examples = [{"prompt": transform.apply(r["prompt"]), "base": b, "tuned": t}
                     for r, b, t in list(zip(records, base_out, tuned_out))[:3]]
+        interval = drop_interval(base_items, tuned_items)
         results.append({"transform": transform.name, "metric": metric, "base": base_score,
-                        "tuned": tuned_score, "drop": drop, "examples": examples})
-        rows.append([transform.name, base_score, tuned_score, drop])
-    reference = next((r["drop"] for r in results if r["transform"] == "identity"), None)
+                        "tuned": tuned_score, "drop": drop, "drop_ci": interval, "base_items": base_items,
+                        "tuned_items": tuned_items, "examples": examples})
+        rows.append([transform.name, base_score, tuned_score, drop,
+                     "-" if interval is None else f"[{interval['low']:.3f}, {interval['high']:.3f}]"])
+    reference = next((r for r in results if r["transform"] == "identity"), None)
     for result, row in zip(results, rows):
-        result["recovers"] = None if reference is None else result["drop"] < reference
-        row.append("-" if result["recovers"] is None or result["transform"] == "identity"
+        result["recovers"] = None if reference is None else result["drop"] < reference["drop"]
+        result["recovery_ci"] = None  # drop_identity - drop_t per item, paired over the same records
+        if reference is not None and result is not reference and result["drop_ci"] and reference["drop_ci"]:
+            own = [b - t for b, t in zip(result["base_items"], result["tuned_items"])]
+            ref = [b - t for b, t in zip(reference["base_items"], reference["tuned_items"])]
+            delta = paired_delta(ref, own)
+            result["recovery_ci"] = {"recovery": delta["delta"], "low": delta["low"], "high": delta["high"]}
+        row.append("-" if result["recovers"] is None or result is reference
                    else ("yes" if result["recovers"] else "no"))
-    table = format_table(["transform", f"base {metric}", f"tuned {metric}", "drop", "drop < identity"], rows)
+        row.append("-" if result["recovery_ci"] is None
+                   else f"[{result['recovery_ci']['low']:.3f}, {result['recovery_ci']['high']:.3f}]")
+    table = format_table(["transform", f"base {metric}", f"tuned {metric}", "drop", "drop 95% CI",
+                          "drop < identity", "recovery 95% CI"], rows)
 
     fig, (ax,) = new_figure(1, width=6)
     xs = list(range(len(results)))
