@@ -2,9 +2,9 @@
 
 Built-in task ``topics`` (offline, deterministic): one-sentence snippets generated from templates and
 per-topic keyword lists, labelled with one of a small set of topic words (default ``sports``,
-``food``, ``weather``, ``music``). Train / val / test come from disjoint seeds and every held-out
-sentence is removed from train. ``shots_per_class: k`` keeps only k training examples per class
-(few-shot mode, balanced, deterministic).
+``food``, ``weather``, ``music``). Train / val / test come from disjoint seeds, exactly sized, and no
+sentence is in two splits (drawn test, then val, then train; a repeat is redrawn). ``shots_per_class: k``
+keeps only k training examples per class (few-shot mode, balanced, deterministic).
 
 Other sources (a local file or hub id, as in :class:`SFTDataModule`) work too: the label is the
 ``answer`` field (else the response) and the label set is the sorted set of training labels, unless
@@ -66,15 +66,23 @@ SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 INSTRUCTION = "Classify the topic of the text as one of: {labels}. Answer with one word.\nText: {text}"
 
 
-def topic_records(labels: list[str], size: int, seed: int) -> list[dict[str, Any]]:
-    """``size`` (prompt, response=label, answer=label) records with classes cycling in order."""
+def topic_records(labels: list[str], size: int, seed: int,
+                  exclude: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """``size`` (prompt, response=label, answer=label) records with classes cycling in order, no prompt twice
+    and none in ``exclude`` (a repeat is redrawn for the same class)."""
     rng = random.Random(seed)
-    records = []
+    records, seen = [], set(exclude)
     for i in range(size):
         label = labels[i % len(labels)]
-        a, b = rng.sample(TOPIC_WORDS[label], 2)
-        text = rng.choice(TEMPLATES).format(a=a, b=b, A=a[0].upper() + a[1:])
-        prompt = INSTRUCTION.format(labels=", ".join(labels), text=text)
+        for _ in range(10_000):
+            a, b = rng.sample(TOPIC_WORDS[label], 2)
+            text = rng.choice(TEMPLATES).format(a=a, b=b, A=a[0].upper() + a[1:])
+            prompt = INSTRUCTION.format(labels=", ".join(labels), text=text)
+            if prompt not in seen:
+                break
+        else:
+            raise DataError(f"topics: cannot draw {size} distinct {label!r} sentences; ask for fewer")
+        seen.add(prompt)
         records.append({"text": text, "prompt": prompt, "response": label, "answer": label, "label": label})
     return records
 
@@ -175,10 +183,13 @@ class ClassificationDataModule(SFTDataModule):
         hp = self.hparams
         sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
         if hp.dataset == "topics":
-            records = {split: topic_records(self.labels, size, hp.seed * 1000 + SPLIT_SEED_OFFSET[split])
-                       for split, size in sizes.items() if size > 0}
-            held_out = {r["prompt"] for split in ("val", "test") for r in records.get(split, [])}
-            records["train"] = [r for r in records.get("train", []) if r["prompt"] not in held_out]
+            records, taken = {}, set()  # test, then val, then train: each exactly sized, none shared
+            for split in ("test", "val", "train"):
+                if sizes[split] > 0:
+                    records[split] = topic_records(self.labels, sizes[split],
+                                                   hp.seed * 1000 + SPLIT_SEED_OFFSET[split], taken)
+                    taken |= {r["prompt"] for r in records[split]}
+            records.setdefault("train", [])
         elif fewshot_tasks.is_fewshot_task(hp.dataset):
             raw = fewshot_tasks.fewshot_splits(hp.dataset, sizes, seed=hp.seed)
             wanted = set(self.labels)

@@ -2,7 +2,7 @@
 
 Sources (``dataset``)
     * a built-in task name (:mod:`zoo.tasks`): ``gsm_symbolic`` (default), ``chain_sum``, or any
-      reasoning-gym generator; train / val / test come from disjoint seeds;
+      reasoning-gym generator; train / val / test are disjoint by construction (``holdout``);
     * a local file: ``.json`` (a list of objects), ``.jsonl``, ``.parquet`` or ``.csv``;
     * a hub data set id (``openai/gsm8k``; ``hub_config`` for its config name), loaded with
       ``datasets.load_dataset`` (honours ``HF_DATASETS_OFFLINE``).
@@ -275,6 +275,7 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle_seed: int | None = None,
+        holdout: Literal["item", "template"] = "item",
     ) -> None:
         """
         Args:
@@ -285,7 +286,7 @@ class SFTDataModule(L.LightningDataModule):
             hub_config: config name of a hub data set (GSM8K: ``main``).
             splits: split names for train / val / test in a hub data set or ``{train: file, ...}`` for local
                 files; without a val/test source, they are carved from the end of train.
-            num_train: built-in tasks: problems generated for training (fewer after removing held-out ones).
+            num_train: built-in tasks: problems generated for training (none shared with val / test).
             num_val: held-out rows for validation loss.
             num_test: held-out rows for the harness.
             max_length: longest rendered row, in tokens.
@@ -298,6 +299,8 @@ class SFTDataModule(L.LightningDataModule):
             seed: seed of the built-in generators (fixes the data, and so the held-out split).
             shuffle_seed: seed of the training order; None = the run's global seed (``seed_everything``),
                 so repeated seeds of a bench vary the order while the data stays fixed.
+            holdout: built-in tasks: ``item`` (held-out problems are new items) or ``template``
+                (``gsm_symbolic``: test / val problems come from templates never trained on).
         """
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
@@ -318,7 +321,8 @@ class SFTDataModule(L.LightningDataModule):
         sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
         if tasks.is_builtin_task(hp.dataset):
             return {split: self.task_records(records, split)
-                    for split, records in tasks.task_splits(hp.dataset, sizes, seed=hp.seed).items()}
+                    for split, records in tasks.task_splits(hp.dataset, sizes, seed=hp.seed,
+                                                            holdout=hp.get("holdout", "item")).items()}
         sources = dict(hp.splits or {})
         local = Path(hp.dataset).expanduser()
         if local.suffix.lower() in LOCAL_SUFFIXES or local.is_file():  # a folder goes to load_dataset

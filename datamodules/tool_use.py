@@ -139,13 +139,20 @@ def _wrong_call(rng: random.Random, name: str, arguments: dict[str, Any]) -> tup
     return render_call(name, partial), f"TypeError: {name}() missing 1 required positional argument: '{key}'"
 
 
-def generate_tool_records(size: int, seed: int, num_tools: int = 4, error_rate: float = 0.0) -> list[dict]:
+def generate_tool_records(size: int, seed: int, num_tools: int = 4, error_rate: float = 0.0,
+                          exclude: set[str] | frozenset[str] | None = None) -> list[dict]:
     """``size`` deterministic tool-use records; a fraction ``error_rate`` are error-then-correction
-    dialogues."""
+    dialogues. ``exclude``: prompts to skip (with it, no prompt repeats either; a skipped draw is replaced by
+    the next one)."""
     rng = random.Random(seed)
     names = list(TOOLS)
-    records = []
-    for _ in range(size):
+    records: list[dict] = []
+    seen = None if exclude is None else set(exclude)
+    draws = 0
+    while len(records) < size:
+        draws += 1
+        if draws > 100 * size + 1000:
+            raise DataError(f"tool use: cannot draw {size} distinct requests; ask for fewer")
         gold = rng.choice(names)
         schema, sampler, templates = TOOLS[gold]
         arguments = sampler(rng)
@@ -158,6 +165,10 @@ def generate_tool_records(size: int, seed: int, num_tools: int = 4, error_rate: 
             wrong, error = _wrong_call(rng, gold, arguments)
             messages += [{"role": "assistant", "content": wrong}, {"role": "tool", "content": error}]
         messages.append({"role": "assistant", "content": response})
+        if seen is not None:
+            if prompt in seen:
+                continue
+            seen.add(prompt)
         records.append({"prompt": prompt, "response": response, "answer": response, "source": TASK_NAME,
                         "call": {"name": gold, "arguments": arguments},
                         "tools": {n: list(TOOLS[n][0]) for n in offered}, "messages": messages})
@@ -229,12 +240,13 @@ class ToolUseDataModule(SFTDataModule):
         if hp.dataset != TASK_NAME:
             return super().load_records()
         sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
-        records = {split: generate_tool_records(size, hp.seed * 1000 + offset, hp.num_tools,
-                                                hp.error_rate if split == "train" else 0.0)
-                   for offset, (split, size) in enumerate(sizes.items()) if size > 0}
-        held_out = {r["prompt"] for split in ("val", "test") for r in records.get(split, [])}
-        if "train" in records:
-            records["train"] = [r for r in records["train"] if r["prompt"] not in held_out]
+        records, taken = {}, set()  # test, then val, then train: each exactly sized, none shared
+        for split in ("test", "val", "train"):
+            if sizes[split] > 0:
+                offset = list(sizes).index(split)  # the split's seed: seed * 1000 + 0 / 1 / 2
+                records[split] = generate_tool_records(sizes[split], hp.seed * 1000 + offset, hp.num_tools,
+                                                       hp.error_rate if split == "train" else 0.0, taken)
+                taken |= {r["prompt"] for r in records[split]}
         return records
 
     def encode_split(self, records: list[dict[str, Any]], split: str) -> EncodedDataset:

@@ -7,18 +7,31 @@
                   which a 135M model's exact match moves within a CPU-sized budget.
 any other reasoning-gym generator name: the question and its short answer (``#### <answer>``).
 
-Splits use disjoint seeds (train = seed, val = seed + 1, test = seed + 2) and every question in
-val/test is removed from train, so the held-out problems are never trained on.
+Splits are disjoint by construction (:func:`task_splits`): reasoning-gym draws item ``i`` of a dataset
+with seed ``s`` from ``Random(s + i)``, so each split reads its own block of that integer stream (test:
+``seed + 2 + i``, the historical test stream, so test items are unchanged; val: ``+ 10**7``; train:
+``+ 2 * 10**7``), and a prompt already taken by an earlier split (test, then val, then train) or by the
+same split is skipped and the split topped up from further along its block, so every split has exactly
+its requested size. ``holdout="template"`` (``gsm_symbolic`` only) holds out whole problem templates: test
+and val problems come from templates that never appear in training.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from zoo.errors import ConfigError
 
 Record = dict  # {"prompt": str, "response": str, "answer": str, "source": str, "entry": dict}
-SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}  # the per-split seeds of the zoo's own generators
+STREAM_BLOCK = 10**7  # items of one split's block of reasoning-gym's integer stream
+STREAM_BASE = {"test": 2, "val": 2 + STREAM_BLOCK, "train": 2 + 2 * STREAM_BLOCK}
+SPLIT_ORDER = ("test", "val", "train")  # who keeps an item drawn by two splits: the held-out one
+TEMPLATE_SHARE = {"test": 0.2, "val": 0.1}  # holdout="template": each held-out split's share of templates
 
 
 def _require_reasoning_gym():
@@ -74,29 +87,98 @@ def task_names() -> list[str]:
 
 
 def generate_records(name: str, size: int, seed: int) -> tuple[list[Record], object]:
-    """``size`` records of task ``name`` from seed ``seed``, and the reasoning-gym dataset (for scoring)."""
+    """``size`` records of task ``name`` from seed ``seed``, and the reasoning-gym dataset (for scoring).
+    ``gsm_symbolic`` records also carry their problem ``template`` (reasoning-gym's generator index)."""
     rg = _require_reasoning_gym()
     dataset = rg.create_dataset(name, size=size, seed=seed)
     writer = RESPONSE_WRITERS.get(name, lambda entry: f"#### {entry['answer']}")
-    records = [
-        {"prompt": entry["question"], "response": writer(entry), "answer": str(entry["answer"]),
-         "source": name, "entry": entry}
-        for entry in dataset
-    ]
+    templates = getattr(dataset, "task_indices", None) if name == "gsm_symbolic" else None
+    records = []
+    for index, entry in enumerate(dataset):
+        record = {"prompt": entry["question"], "response": writer(entry), "answer": str(entry["answer"]),
+                  "source": name, "entry": entry}
+        if templates is not None:
+            record["template"] = int(templates[index])
+        records.append(record)
     return records, dataset
 
 
-def task_splits(name: str, sizes: dict[str, int], seed: int = 0) -> dict[str, list[Record]]:
-    """Train / val / test records with disjoint seeds; held-out questions are removed from train."""
-    splits = {split: generate_records(name, size, seed + SPLIT_SEED_OFFSET[split])[0]
-              for split, size in sizes.items() if size > 0}
-    test_prompts = {r["prompt"] for r in splits.get("test", [])}
-    if "val" in splits:  # small generators (chain_sum) repeat questions across seeds: keep val off test too
-        splits["val"] = [r for r in splits["val"] if r["prompt"] not in test_prompts]
-    held_out = {r["prompt"] for split in ("val", "test") for r in splits.get(split, [])}
-    if "train" in splits:
-        splits["train"] = [r for r in splits["train"] if r["prompt"] not in held_out]
-    return splits
+def disjoint_splits(sizes: dict[str, int], stream: Callable[[str], Iterable[dict[str, Any]]],
+                    what: str, key: Callable[[dict[str, Any]], Any] = lambda r: r["prompt"],
+                    order: Iterable[str] = SPLIT_ORDER) -> dict[str, list[dict[str, Any]]]:
+    """Exactly sized splits with no ``key`` (prompt) in two splits or twice in one: each split takes the
+    first unseen items of its own ``stream(split)``, held-out splits first (``order``). Splits of size 0
+    are left out; a stream that runs dry raises :class:`~zoo.errors.ConfigError` naming the split."""
+    order = [s for s in order if s in sizes] + [s for s in sizes if s not in order]
+    taken: set = set()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split in order:
+        size = sizes[split]
+        if size <= 0:
+            continue
+        rows: list[dict[str, Any]] = []
+        for record in stream(split):
+            item = key(record)
+            if item in taken:
+                continue
+            taken.add(item)
+            rows.append(record)
+            if len(rows) == size:
+                break
+        if len(rows) < size:
+            raise ConfigError(f"{what}: only {len(rows)} distinct {split} items (not in an earlier split) "
+                              f"could be drawn for the {size} asked; ask for fewer "
+                              f"(data.init_args.num_{split})")
+        out[split] = rows
+    return out
+
+
+def _stream(name: str, split: str, size: int, seed: int, keep: Callable[[Record], bool]) -> Iterator[Record]:
+    """Split ``split``'s records of task ``name``: reasoning-gym items ``seed + STREAM_BASE[split] + i``,
+    ``i = 0, 1, ...`` (the first chunk is exactly the old ``size``-item dataset), at most a bounded number
+    of draws, so a task with few distinct problems ends instead of looping."""
+    base, drawn, chunk = seed + STREAM_BASE[split], 0, size
+    limit = min(STREAM_BLOCK, 50 * size + 2000)
+    while drawn < limit:
+        chunk = min(chunk, limit - drawn)
+        records, _ = generate_records(name, chunk, base + drawn)
+        yield from (r for r in records if keep(r))
+        drawn += chunk
+        chunk = min(max(2 * chunk, 64), 4096)
+
+
+def template_assignment(seed: int = 0) -> dict[int, str]:
+    """``gsm_symbolic`` template index -> the split that owns it (seeded shuffle: the first 20 % test, the
+    next 10 % val, the rest train)."""
+    from reasoning_gym.arithmetic.gsm_symbolic import gsm_symbolic
+
+    templates = sorted(gsm_symbolic.tasks_ok)
+    random.Random(f"zoo-gsm-templates-{seed}").shuffle(templates)
+    n_test = round(TEMPLATE_SHARE["test"] * len(templates))
+    n_val = round(TEMPLATE_SHARE["val"] * len(templates))
+    return {t: ("test" if i < n_test else "val" if i < n_test + n_val else "train")
+            for i, t in enumerate(templates)}
+
+
+def task_splits(name: str, sizes: dict[str, int], seed: int = 0,
+                holdout: str = "item") -> dict[str, list[Record]]:
+    """Train / val / test records of task ``name``, disjoint by construction and exactly sized (see the
+    module docstring); ``holdout="template"``: ``gsm_symbolic`` with test / val templates never trained on."""
+    _require_reasoning_gym()
+    if holdout not in ("item", "template"):
+        raise ConfigError(f"holdout {holdout!r} is not known; use item or template")
+    owner: dict[int, str] = {}
+    if holdout == "template":
+        if name != "gsm_symbolic":
+            raise ConfigError(f"holdout: template needs problem templates, which only gsm_symbolic has (got "
+                              f"{name!r}); use holdout: item")
+        owner = template_assignment(seed)
+
+    def stream(split: str) -> Iterator[Record]:
+        keep = (lambda r: owner.get(r["template"]) == split) if owner else (lambda r: True)
+        return _stream(name, split, sizes[split], seed, keep)
+
+    return disjoint_splits(sizes, stream, what=f"task {name!r}")
 
 
 def score_answer(record: Record, prediction: str) -> float:
