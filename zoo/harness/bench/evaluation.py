@@ -45,10 +45,13 @@ def evaluate(module, datamodule, args: argparse.Namespace,
     started = time.perf_counter()
     all_records = datamodule.eval_records("test")
     records = all_records[: args.limit] if args.limit is not None else all_records
-    completions = generate_for_module(module, [r["prompt"] for r in records],
-                                      max_new_tokens=args.max_new_tokens,
-                                      system_prompt=datamodule.hparams.get("system_prompt"),
-                                      batch_size=args.batch_size)
+    if is_classifier(module, datamodule):  # few-shot classification: the label scores, not generation
+        completions = predict_completions(module, datamodule, records, args.batch_size)
+    else:
+        completions = generate_for_module(module, [r["prompt"] for r in records],
+                                          max_new_tokens=args.max_new_tokens,
+                                          system_prompt=datamodule.hparams.get("system_prompt"),
+                                          batch_size=args.batch_size)
     metrics = dict(datamodule.evaluation_metrics(records, completions)) if records else {}
     main_metric = next(iter(metrics), None)
     nll = response_nll_items(module, datamodule, "test")  # the split NLL and its per-item sums, one pass
@@ -71,11 +74,55 @@ def evaluate(module, datamodule, args: argparse.Namespace,
     return result
 
 
+def is_classifier(module, datamodule) -> bool:
+    """Whether ``module`` scores labels (a classification module: ``predict_labels`` / ``score_prompts``) on
+    data with a label set; such modules are evaluated by their label scores, not by free generation."""
+    scores_labels = all(callable(getattr(module, name, None)) for name in ("predict_labels", "score_prompts"))
+    return scores_labels and bool(getattr(datamodule, "labels", None))
+
+
+def predict_completions(module, datamodule, records: list[dict[str, Any]], batch_size: int) -> list[str]:
+    """The predicted label text of each record (multi-label: the predicted labels joined by ", ", "none" when
+    empty, as the data renders responses), so the data's ``score_completion`` / ``evaluation_metrics`` parse
+    them back. The module is calibrated first as its test epoch would be (``calibration``: content-free
+    prompts or the ``unlabeled`` split)."""
+    from zoo.datamodules.classification import label_text
+
+    kind = getattr(module, "hparams", {}).get("calibration", "none")
+    if kind == "content_free" and hasattr(datamodule, "content_free_prompts"):
+        module.calibrate(datamodule.content_free_prompts())
+    elif kind == "unlabeled" and datamodule.records.get("unlabeled"):
+        module.calibrate([r["prompt"] for r in datamodule.records["unlabeled"]])
+    completions: list[str] = []
+    for start in range(0, len(records), batch_size):
+        prompts = [r["prompt"] for r in records[start: start + batch_size]]
+        for predicted in module.predict_labels(prompts):
+            if isinstance(predicted, str):
+                completions.append(label_text(predicted))
+            else:  # multi-label: a list of labels
+                completions.append(", ".join(label_text(label) for label in predicted) or "none")
+    return completions
+
+
+def base_module(name: str, datamodule):
+    """The untuned backbone for the base row: on classification data (a label set) a plain
+    :class:`~zoo.modules.classification.ClassificationModule` without adapter on the same labels, scored by
+    its label scores; otherwise a :class:`~zoo.modules.base.CausalLMModule` scored by generation."""
+    from zoo.modules.base import CausalLMModule
+    from zoo.modules.classification import ClassificationModule
+
+    if hasattr(datamodule, "eval_records"):
+        datamodule.eval_records("test")  # external data learns its label set when it loads
+    labels = getattr(datamodule, "labels", None)
+    if labels and hasattr(datamodule, "multi_label"):
+        return ClassificationModule(model=name, labels=list(labels), multi_label=bool(datamodule.multi_label),
+                                    export=False)
+    return CausalLMModule(model=name, export=False)
+
 
 def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: set, results: Path) -> None:
-    """The untuned backbone on this config's data, once per (backbone, data, budget)."""
-    from zoo.modules.base import CausalLMModule
-
+    """The untuned backbone on this config's data, once per (backbone, data, budget); classification data:
+    scored by label scores (:func:`base_module`)."""
     name = backbone_of(cli.model)
     block = data_block(cli)
     record = {"method": "base", "kind": "base", "config": str(config), "config_hash": digest(name, block),
@@ -85,7 +132,7 @@ def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: 
     record["resolved_config"] = resolved_config(cli)  # the data and backbone it was evaluated on
     log(f"base ({name}): evaluating the untuned backbone ...")
     reset_peak_rss()
-    module = CausalLMModule(model=name, export=False)
+    module = base_module(name, cli.datamodule)
     completions = out / "runs" / f"base-{record['config_hash']}" / "completions.jsonl"
     result = evaluate(module, cli.datamodule, args, completions, out / "items" / items_name(record))
     _, total = count_parameters(module)
