@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 
 from zoo.errors import UsageError, did_you_mean
-from zoo.harness.bench.evaluation import evaluate, evaluate_base, evaluate_checkpoint
+from zoo.harness.bench.evaluation import base_module, evaluate, evaluate_base, evaluate_checkpoint
+from zoo.harness.bench.extra_evals import add_arguments as add_eval_task_arguments
+from zoo.harness.bench.extra_evals import check_arguments as check_eval_task_arguments
+from zoo.harness.bench.extra_evals import (
+    contamination_figures,
+    eval_sets,
+    eval_task_hash,
+    evaluate_eval_tasks,
+    tokenizer_of,
+)
 from zoo.harness.bench.items import items_name
 from zoo.harness.bench.lr_grid import add_arguments as add_lr_grid_arguments
 from zoo.harness.bench.lr_grid import check_arguments as check_lr_grid_arguments
@@ -33,6 +42,7 @@ from zoo.harness.bench.records import (
     config_hash,
     count_parameters,
     data_block,
+    digest,
     environment,
     format_metrics,
     load_results,
@@ -86,8 +96,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="with --ckpt: evaluate a run whose run.json says it did not finish")
     add_arguments(parser)  # --reference, --rerun, --method (zoo.harness.bench.rerun)
     add_lr_grid_arguments(parser)  # --lr-grid, --lr-grid-file (zoo.harness.bench.lr_grid)
+    add_eval_task_arguments(parser)  # --eval-task (zoo.harness.bench.extra_evals)
     args = parser.parse_args(argv)
     check_lr_grid_arguments(args)
+    check_eval_task_arguments(args)
     try:
         args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError as err:
@@ -199,21 +211,47 @@ def train_and_evaluate(config: Path, seed: int, args: argparse.Namespace, overri
                   **(extra or {}))
     if args.base:
         evaluate_base(cli, args, out, config, done, results)
+        evaluate_base_on_eval_tasks(cli, args, out, config, done, results)
     trainer, module = cli.trainer, cli.model
     timer, wall, peak_cuda = fit_measured(cli, args, f"{position} {method} seed {seed}")
     log(f"{position} {method} seed {seed}: trained in {wall:.1f} s, evaluating ...")
     result = evaluate(module, cli.datamodule, args, run_dir / "completions.jsonl",
                       out / "items" / items_name(record))
     trainable, total = count_parameters(module)
+    sets = eval_sets(args, tokenizer_of(cli.datamodule, backbone_of(module)))
     record.update(backbone=backbone_of(module), module=type(module).__name__,
                   dataset=data_block(cli).get("init_args", {}).get("dataset"), run_dir=str(run_dir), **result,
                   train_wall_s=wall, **timer.summary(), peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda,
                   trainable_params=trainable, total_params=total,
                   steps=int(trainer.global_step), **environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    # issue 16: n-gram overlap of this row's training data with its test split and every --eval-task
+    record["contamination"] = contamination_figures(cli.datamodule, sets, f"{method} seed {seed}")
+    evaluate_eval_tasks(module, record, sets, args, out, done, results, run_dir)  # --eval-task records
     append_result(results, record)
     done.add(record_key(record))
     log(f"{position} {method} seed {seed}: {format_metrics(record)}")
     del cli, module, trainer
+    gc.collect()
+
+
+
+def evaluate_base_on_eval_tasks(cli, args: argparse.Namespace, out: Path, config: Path, done: set,
+                                results: Path) -> None:
+    """The untuned backbone on every ``--eval-task`` (once per backbone, data and budget, as the base row)."""
+    if not getattr(args, "eval_task_specs", None):
+        return
+    name = backbone_of(cli.model)
+    row = {"method": "base", "kind": "base", "config": str(config), "seed": None, "budget": budget(args, 0),
+           "config_hash": digest(name, data_block(cli)), "backbone": name, "steps": 0}
+    sets = eval_sets(args, tokenizer_of(cli.datamodule, name))
+    wanted = [task for task, data in sets.items()
+              if record_key({**row, "config_hash": eval_task_hash(row, task, data)}) not in done]
+    if not wanted:
+        return
+    module = base_module(name, cli.datamodule)
+    evaluate_eval_tasks(module, row, {task: sets[task] for task in wanted}, args, out, done, results,
+                        out / "runs" / f"base-{row['config_hash']}")
+    del module
     gc.collect()
 
 

@@ -146,10 +146,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def write_report(results: Path, out: Path, reference: str | None = None) -> list[dict[str, Any]]:
     """``results.md`` and ``results.png`` from ``results.jsonl``; ``reference``: the row the others are
     compared to (default ``sft`` when present, else ``base``; :mod:`zoo.harness.bench.stats`)."""
+    from zoo.harness.bench.extra_evals import contamination_note
     from zoo.harness.bench.records import BenchError
     from zoo.harness.bench.stats import attach_comparisons
 
-    records = [r for r in load_results(results) if r.get("kind") != "grid"]  # grid points: only their choice
+    everything = [r for r in load_results(results) if r.get("kind") != "grid"]  # grid: its choice only
+    records = [r for r in everything if r.get("kind") != "eval_task"]  # --eval-task rows: their own tables
     rows = summarize(records)
     if reference and rows and reference not in {r["method"] for r in rows}:
         raise BenchError(f"--reference {reference}: no such row in {results} (rows: "
@@ -158,6 +160,15 @@ def write_report(results: Path, out: Path, reference: str | None = None) -> list
     for row in rows:
         row["reference"] = used
     if rows:
-        (out / "results.md").write_text(markdown(rows))
+        text = markdown(rows) + contamination_note(records)
+        for task in sorted({r["eval_task"] for r in everything if r.get("kind") == "eval_task"}):
+            task_records = [r for r in everything if r.get("eval_task") == task]
+            task_rows = summarize(task_records)
+            task_used = attach_comparisons(task_rows, task_records, out, used if used in {
+                r["method"] for r in task_rows} else None)
+            for row in task_rows:
+                row["reference"] = task_used
+            text += f"\n## --eval-task `{task}`: every row on {task}'s test items\n\n" + markdown(task_rows)
+        (out / "results.md").write_text(text)
         plot(rows, out / "results.png")
     return rows

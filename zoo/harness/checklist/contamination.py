@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from zoo.errors import ConfigError
 from zoo.harness.checklist.base import EvalItem
-from zoo.harness.rag.judges import normalize
+
+# words as the judges normalise them (case folded, punctuation dropped), except that an arithmetic operator
+# stays on the word it precedes: "1 + 5 =" ("1", "+5") and "1 - 5 =" ("1", "-5") are different problems
+_WORD = re.compile(r"(?:[+\-*/×÷^%]\s*)?[^\W_]+")
+
+
+def words(text: str) -> list[str]:
+    return ["".join(word.split()) for word in _WORD.findall(text.lower())]
+
+
+def normalize(text: str) -> str:
+    return " ".join(words(text))
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = normalize(text).split()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    tokens = words(text)
+    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
 def contamination(
@@ -19,7 +31,8 @@ def contamination(
 ) -> list[dict[str, Any]]:
     """For every (training set, eval set) pair: the eval items sharing a word ``n``-gram with the training
     texts (items shorter than ``n`` words: an exact normalised match). Texts are normalised like the judges
-    (case, punctuation, whitespace). Returns one row per pair with the flagged item indices."""
+    (case, punctuation, whitespace), except that an operator stays on its operand (:func:`words`). Returns
+    one row per pair with the flagged item indices."""
     rows = []
     for train_name, texts in train.items():
         grams: set[tuple[str, ...]] = set()
