@@ -122,6 +122,11 @@ def test_analyze_checklist_on_the_tiny_backbone(tmp_path):
     assert deltas and all(d == 0 for d in deltas)  # timings (efficiency) differ run to run
     assert record["contamination"] and all(r["train"] == "configs/sft.yaml" for r in record["contamination"])
     assert (tmp_path / "checklist.png").exists()
+    # per-item values are recorded (paired re-analysis of any two models); each row's mean is theirs
+    for r in record["rows"]:
+        if r["task"] not in ("(axis)", "n/a", "no delta") and r["mean"] is not None:
+            values = record["scores"][r["model"]][r["task"]][r["metric"]]
+            assert len(values) == r["n"] and r["mean"] == pytest.approx(sum(values) / len(values))
 
 
 def test_no_delta_against_a_base_with_another_tokenizer_or_template():

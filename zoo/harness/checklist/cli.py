@@ -98,6 +98,7 @@ def run(args: argparse.Namespace):
             "models": args.models,
             "limit": args.limit,
             "items": items,
+            "scores": result["scores"],  # model -> task -> metric -> per-item values (paired re-analysis)
         },
         figure=fig,
     )
