@@ -8,6 +8,11 @@ KV cache, the path ``zoo bench`` uses) once per batch size. Throughput counts th
 row kept (re-tokenized, up to its EOS), not the padding a finished row keeps computing in a batch, so the
 figure is what a user gets. ``agree`` is the share of completions identical to batch 1's: greedy decoding
 in a left-padded batch may flip a near-tie in float32, which is the price of batching.
+
+Times are wall seconds and process CPU seconds: on a shared CPU the wall clock measures the neighbours too,
+while CPU seconds (one thread) measure this process's work. A second pass with one new token per prompt
+measures the prompt (prefill) cost, so ``decode tokens/cpu-s`` is the token loop alone, where batching
+pays: prefill is compute-bound at any batch size.
 """
 
 from __future__ import annotations
@@ -34,18 +39,24 @@ def measure(module, prompts: list[str], batch_sizes: list[int], max_new_tokens: 
     rows: list[dict[str, Any]] = []
     reference: list[str] | None = None
     for size in batch_sizes:
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         completions = module.generate_text(prompts, max_new_tokens=max_new_tokens, batch_size=size)
-        seconds = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        prefill_cpu = time.process_time()
+        module.generate_text(prompts, max_new_tokens=1, batch_size=size)
+        prefill_cpu = time.process_time() - prefill_cpu
         tokens = completion_tokens(module.tokenizer, completions)
         reference = completions if reference is None else reference
         agree = sum(a == b for a, b in zip(completions, reference)) / len(prompts)
         rows.append({"batch_size": size, "prompts": len(prompts), "tokens": tokens,
-                     "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
+                     "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                     "prefill_cpu_seconds": round(prefill_cpu, 2),
+                     "tokens_per_s": round(tokens / wall, 2), "tokens_per_cpu_s": round(tokens / cpu, 2),
+                     "decode_tokens_per_cpu_s": round(tokens / max(cpu - prefill_cpu, 1e-9), 2),
                      "agree_with_first": agree})
-    base = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["speedup"] = round(row["tokens_per_s"] / base, 2)
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "decode_tokens_per_cpu_s"):
+        for row in rows:
+            row[f"speedup_{key}"] = round(row[key] / rows[0][key], 2)
     return rows
 
 
@@ -68,10 +79,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = measure(module, prompts, [int(s) for s in args.batch_sizes.split(",")], args.max_new_tokens)
     print(f"{args.model} | {args.task} | {len(prompts)} prompts | max_new_tokens {args.max_new_tokens} | "
           f"torch threads {torch.get_num_threads()}")
-    print("| batch | tokens | seconds | tokens/s | speed-up vs first | same text as first |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| batch | tokens | wall s | tokens/s (wall) | CPU s | tokens/CPU-s | prefill CPU s "
+          "| decode tokens/CPU-s | speed-up (CPU, decode) | same text as first |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch_size']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['speedup']}x "
+        print(f"| {r['batch_size']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} "
+              f"| {r['cpu_seconds']} "
+              f"| {r['tokens_per_cpu_s']} | {r['prefill_cpu_seconds']} | {r['decode_tokens_per_cpu_s']} "
+              f"| {r['speedup_tokens_per_cpu_s']}x, {r['speedup_decode_tokens_per_cpu_s']}x "
               f"| {r['agree_with_first']:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
