@@ -76,6 +76,9 @@ def test_multi_label_completions_parse_back_to_the_predicted_label_sets(tmp_path
     exact = [float(p == sorted(r["labels"])) for p, r in zip(predicted, records)]
     items = read_items(tmp_path / "items" / "i.jsonl.gz")
     assert [item["scores"]["exact_match"] for item in items] == exact
+    assert result["main_metric"] == "exact_match" and math.isclose(result["metrics"]["exact_match"],
+                                                                   sum(exact) / len(exact))
+    assert "nll" not in result["metrics"]  # label scores only
     truth = torch.tensor([[float(label in r["labels"]) for label in data.labels] for r in records])
     hits = torch.tensor([[float(label in p) for label in data.labels] for p in predicted])
     micro = f1_score(truth.numpy(), hits.numpy(), average="micro", zero_division=0)

@@ -37,7 +37,9 @@ from zoo.harness.generation import generate_for_module
 
 def evaluate(module, datamodule, args: argparse.Namespace,
              completions_path: Path | None = None, items_path: Path | None = None) -> dict[str, Any]:
-    """Generation metrics on the first ``limit`` test records, plus the test split's response NLL;
+    """Generation metrics on the first ``limit`` test records, plus the test split's response NLL
+    (classification modules, :func:`is_classifier`: label-score predictions, no NLL; multi-label data adds
+    per-item ``exact_match`` as the main metric);
     ``items_path``: where the per-item records go (:mod:`zoo.harness.bench.items`; the result's ``items``
     names it as ``items/<file>``)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -45,7 +47,8 @@ def evaluate(module, datamodule, args: argparse.Namespace,
     started = time.perf_counter()
     all_records = datamodule.eval_records("test")
     records = all_records[: args.limit] if args.limit is not None else all_records
-    if is_classifier(module, datamodule):  # few-shot classification: the label scores, not generation
+    classifier = is_classifier(module, datamodule)
+    if classifier:  # few-shot classification: the label scores, not generation
         completions = predict_completions(module, datamodule, records, args.batch_size)
     else:
         completions = generate_for_module(module, [r["prompt"] for r in records],
@@ -53,9 +56,15 @@ def evaluate(module, datamodule, args: argparse.Namespace,
                                           system_prompt=datamodule.hparams.get("system_prompt"),
                                           batch_size=args.batch_size)
     metrics = dict(datamodule.evaluation_metrics(records, completions)) if records else {}
+    if classifier and records and getattr(datamodule, "multi_label", False):  # exact match leads (paired CIs)
+        exact = [datamodule.score_completion(r, c)["exact_match"] for r, c in zip(records, completions)]
+        metrics = {"exact_match": sum(exact) / len(exact), **metrics}
     main_metric = next(iter(metrics), None)
-    nll = response_nll_items(module, datamodule, "test")  # the split NLL and its per-item sums, one pass
-    metrics.update(nll=nll["nll"], ppl=nll["ppl"], nll_tokens=nll["tokens"])
+    if classifier:  # label scores only: no response-NLL pass (it would double the evaluation's cost)
+        nll = {"per_item": {}}
+    else:
+        nll = response_nll_items(module, datamodule, "test")  # the split NLL and its per-item sums, one pass
+        metrics.update(nll=nll["nll"], ppl=nll["ppl"], nll_tokens=nll["tokens"])
     if hasattr(datamodule, "preference_metrics"):  # held-out pairs: reward and log-prob accuracy / margin
         metrics.update(datamodule.preference_metrics(module, split="test"))
     if completions_path is not None:
