@@ -123,7 +123,7 @@ def rate_text(rate: float) -> str:
 def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, overrides: list[str],
                 out: Path, done: set, results: Path, position: str) -> dict[str, Any]:
     """Train one grid point (or find its record) and return its grid record."""
-    from zoo.harness.bench.driver import build_cli, cli_args, fit_measured
+    from zoo.harness.bench.driver import build_cli, cli_args, evaluate_base_on_eval_tasks, fit_measured
     from zoo.harness.bench.evaluation import evaluate_base
     from zoo.harness.bench.items import response_nll_items
     from zoo.harness.bench.memory import peak_rss_mb
@@ -149,6 +149,7 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
     record.update(resolved_config=resolved_config(cli), cli_args=argv, overrides=point_overrides)
     if args.base:
         evaluate_base(cli, args, out, config, done, results)
+        evaluate_base_on_eval_tasks(cli, args, out, config, done, results)  # --eval-task
     trainer, module = cli.trainer, cli.model
     timer, wall, peak_cuda = fit_measured(cli, args, f"{position} {method} seed {seed} lr {rate_text(rate)}")
     module.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -172,6 +173,12 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
                             overrides: list[str], out: Path, done: set, results: Path, position: str) -> None:
     """The grid for one config x seed, the choice, and the chosen run's test record."""
     from zoo.harness.bench.evaluation import evaluate
+    from zoo.harness.bench.extra_evals import (
+        contamination_figures,
+        eval_sets,
+        evaluate_eval_tasks,
+        tokenizer_of,
+    )
     from zoo.harness.bench.items import items_name
     from zoo.harness.load import LoadError, load_run
 
@@ -207,6 +214,10 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
     record.update(**result,
                   lr_grid={rate_text(r): v for r, v in val_nll.items()}, lr_chosen=chosen, **environment(),
                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    # contamination of the training split vs test and --eval-task sets; the --eval-task records
+    sets = eval_sets(args, tokenizer_of(datamodule, str(point["backbone"])))
+    record["contamination"] = contamination_figures(datamodule, sets, f"{method} seed {seed}")
+    evaluate_eval_tasks(module, record, sets, args, out, done, results, Path(point["run_dir"]))
     append_result(results, record)
     done.add(record_key(record))
     log(f"{position} {method} seed {seed} (lr {rate_text(chosen)}): {format_metrics(record)}")
