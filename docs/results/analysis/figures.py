@@ -54,8 +54,10 @@ def md_table(headers, rows) -> str:
 # ------------------------------------------------------------------------------------------------- TuCo
 def tuco(runs: Path) -> None:
     dest = HERE / "tuco"
-    records = {label: copy_tool(runs, f"tuco_{label.lower()}", "tuco", dest, f"tuco_{label.lower()}")
-               for label in ("SFT", "LoRA")}
+    records = {
+        label: copy_tool(runs, f"tuco_{label.lower()}", "tuco", dest, f"tuco_{label.lower()}")
+        for label in ("SFT", "LoRA")
+    }
     summary, rows = {}, []
     for label, record in records.items():
         groups = list(dict.fromkeys(p["group"] for p in record["prompts"]))
@@ -66,16 +68,39 @@ def tuco(runs: Path) -> None:
             ptc = np.array([p["ptc_l1"] for p in prompts])
             ftc = np.array([p["ftc_l1"] for p in prompts])
             per_layer = (ftc / (ptc + ftc)).mean(0)  # per-layer FTC share, mean over prompts
-            summary[label]["groups"][group] = {"n": len(prompts), "tuco": mean, "low": low, "high": high,
-                                               "auc_vs_first": record["groups"][group]["auc_vs_first"]}
+            summary[label]["groups"][group] = {
+                "n": len(prompts),
+                "tuco": mean,
+                "low": low,
+                "high": high,
+                "auc_vs_first": record["groups"][group]["auc_vs_first"],
+            }
             summary[label]["layer_ratio"][group] = per_layer.tolist()
             auc = record["groups"][group]["auc_vs_first"]
-            rows.append([label, group, len(prompts), mean, f"[{low:.4f}, {high:.4f}]",
-                         "-" if auc is None else f"{auc:.3f}",
-                         f"{per_layer.argmax()} ({per_layer.max():.4f})"])
+            rows.append(
+                [
+                    label,
+                    group,
+                    len(prompts),
+                    mean,
+                    f"[{low:.4f}, {high:.4f}]",
+                    "-" if auc is None else f"{auc:.3f}",
+                    f"{per_layer.argmax()} ({per_layer.max():.4f})",
+                ]
+            )
         summary[label]["steering"] = record["steering"]
-    table = md_table(["tuned", "probe group", "n", "mean TuCo", "95% CI", "AUC(group > chain_sum)",
-                      "layer with max FTC share"], rows)
+    table = md_table(
+        [
+            "tuned",
+            "probe group",
+            "n",
+            "mean TuCo",
+            "95% CI",
+            "AUC(group > chain_sum)",
+            "layer with max FTC share",
+        ],
+        rows,
+    )
     paired = []  # LoRA - SFT on the same prompts
     sft, lora = records["SFT"]["prompts"], records["LoRA"]["prompts"]
     for group in dict.fromkeys(p["group"] for p in sft):
@@ -83,15 +108,26 @@ def tuco(runs: Path) -> None:
         assert all(a["prompt"] == b["prompt"] for a, b in zip(sft, lora))
         mean, low, high = bootstrap(diff)
         higher = sum(d > 0 for d in diff)
-        summary.setdefault("lora_minus_sft", {})[group] = {"delta": mean, "low": low, "high": high,
-                                                         "lora_higher": higher, "n": len(diff)}
+        summary.setdefault("lora_minus_sft", {})[group] = {
+            "delta": mean,
+            "low": low,
+            "high": high,
+            "lora_higher": higher,
+            "n": len(diff),
+        }
         paired.append([group, len(diff), mean, f"[{low:.4f}, {high:.4f}]", f"{higher}/{len(diff)}"])
     table += "\nPaired LoRA - SFT TuCo on the same prompts:\n\n" + md_table(
-        ["probe group", "n", "mean delta", "95% CI", "prompts with LoRA higher"], paired)
-    steer_rows = [[label, s["alpha"], s["prompt"][-28:], s["completion"].replace("\n", " / ")[:70]]
-                  for label, record in records.items() for s in record["steering"]]
-    table += ("\nFTC steering (greedy, 32 new tokens; alpha = 0 is the base for LoRA, not exactly for SFT, "
-              "whose embeddings moved):\n\n")
+        ["probe group", "n", "mean delta", "95% CI", "prompts with LoRA higher"], paired
+    )
+    steer_rows = [
+        [label, s["alpha"], s["prompt"][-28:], s["completion"].replace("\n", " / ")[:70]]
+        for label, record in records.items()
+        for s in record["steering"]
+    ]
+    table += (
+        "\nFTC steering (greedy, 32 new tokens; alpha = 0 is the base for LoRA, not exactly for SFT, "
+        "whose embeddings moved):\n\n"
+    )
     table += md_table(["tuned", "alpha", "prompt (end)", "completion"], steer_rows)
     (dest / "summary.md").write_text(table, encoding="utf-8")
     (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -100,17 +136,23 @@ def tuco(runs: Path) -> None:
     for ax, (label, data) in zip(axes[:2], summary.items()):
         for group, ratio in data["layer_ratio"].items():
             ax.plot(range(len(ratio)), ratio, marker=".", label=group)
-        ax.set(title=f"{label}: per-layer FTC share |FTC_l|/(|PTC_l|+|FTC_l|)", xlabel="layer",
-               ylabel="mean over prompts (last prompt token, L1)")
+        ax.set(
+            title=f"{label}: per-layer FTC share |FTC_l|/(|PTC_l|+|FTC_l|)",
+            xlabel="layer",
+            ylabel="mean over prompts (last prompt token, L1)",
+        )
         ax.legend(fontsize=7)
     ax = axes[2]
     for offset, (label, data) in enumerate(summary.items()):
         names = list(data["groups"])
         means = [data["groups"][g]["tuco"] for g in names]
-        err = [[m - data["groups"][g]["low"] for g, m in zip(names, means)],
-               [data["groups"][g]["high"] - m for g, m in zip(names, means)]]
-        ax.errorbar([i + 0.15 * offset for i in range(len(names))], means, yerr=err, fmt="o", capsize=3,
-                    label=label)
+        err = [
+            [m - data["groups"][g]["low"] for g, m in zip(names, means)],
+            [data["groups"][g]["high"] - m for g, m in zip(names, means)],
+        ]
+        ax.errorbar(
+            [i + 0.15 * offset for i in range(len(names))], means, yerr=err, fmt="o", capsize=3, label=label
+        )
     ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax.set(title="TuCo per probe group (mean, 95% bootstrap CI)", ylabel="TuCo")
     ax.legend()
@@ -120,7 +162,350 @@ def tuco(runs: Path) -> None:
     print(table)
 
 
-STUDIES = {"tuco": tuco}
+def paired(a, b) -> tuple[float, float, float]:
+    """Mean of a - b over the same items with its percentile bootstrap CI."""
+    return bootstrap(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+
+
+def ci_text(mean: float, low: float, high: float) -> str:
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def verdict(low: float, high: float, positive: str, negative: str, n: int) -> str:
+    if low > 0:
+        return positive
+    if high < 0:
+        return negative
+    return f"inconclusive at n={n}"
+
+
+# ----------------------------------------------------------------------------------------------- checklist
+CHECKLIST_LABELS = ("base", "SFT", "LoRA", "URIAL")
+
+
+def checklist_record(runs: Path) -> tuple[dict, dict]:
+    record = json.loads((runs / "checklist" / "checklist.json").read_text())
+    keys = ["base", *record["models"][1:]]
+    labels = dict(zip(keys, CHECKLIST_LABELS))
+    scores = {labels[k]: v for k, v in record["scores"].items()}
+    return record, scores
+
+
+def checklist(runs: Path) -> None:
+    dest = HERE / "checklist"
+    record = copy_tool(runs, "checklist", "checklist", dest, "checklist")
+    _, scores = checklist_record(runs)
+    keys = ["base", *record["models"][1:]]
+    labels = dict(zip(keys, CHECKLIST_LABELS))
+    rows, summary = [], {"models": dict(zip(CHECKLIST_LABELS, record["models"])), "tasks": [], "axes": []}
+    tasks = [(t, m) for t, per in scores["SFT"].items() for m in per]
+    for task, metric in tasks:
+        axis = next(r["axis"] for r in record["rows"] if r["task"] == task)
+        cells = {}
+        for model in ("base", "SFT", "LoRA"):
+            cells[model] = bootstrap(scores[model][task][metric])
+        diff = paired(scores["LoRA"][task][metric], scores["SFT"][task][metric])
+        n = len(scores["SFT"][task][metric])
+        efficiency = axis == "efficiency"
+        call = "-" if efficiency else verdict(diff[1], diff[2], "LoRA higher", "SFT higher", n)
+        summary["tasks"].append(
+            {
+                "axis": axis,
+                "task": task,
+                "metric": metric,
+                "n": n,
+                **{m: dict(zip(("mean", "low", "high"), v)) for m, v in cells.items()},
+                "lora_minus_sft": dict(zip(("delta", "low", "high"), diff)),
+                "verdict": call,
+            }
+        )
+        fmt = (lambda v: f"{v[0]:.3g}") if efficiency else (lambda v: ci_text(*v))
+        rows.append(
+            [
+                axis,
+                task,
+                metric,
+                n,
+                fmt(cells["base"]),
+                fmt(cells["SFT"]),
+                fmt(cells["LoRA"]),
+                fmt(diff),
+                call,
+            ]
+        )
+    table = md_table(
+        ["axis", "task", "metric", "n", "base", "SFT", "LoRA", "LoRA − SFT (paired)", "reading"], rows
+    )
+    axis_rows = []
+    for axis in dict.fromkeys(t["axis"] for t in summary["tasks"] if t["axis"] != "efficiency"):
+        row = {}
+        for model in ("base", "SFT", "LoRA"):
+            r = next(
+                x
+                for x in record["rows"]
+                if x["task"] == "(axis)" and x["axis"] == axis and labels[x["model"]] == model
+            )
+            row[model] = (r["mean"], r["low"], r["high"])
+            if model != "base" and "delta_delta" in r:
+                row[model + " − base"] = (r["delta_delta"], r["delta_low"], r["delta_high"])
+        summary["axes"].append(
+            {"axis": axis, **{k: dict(zip(("mean", "low", "high"), v)) for k, v in row.items()}}
+        )
+        axis_rows.append(
+            [
+                axis,
+                *(
+                    ci_text(*row[k]) if k in row else "-"
+                    for k in ("base", "SFT", "LoRA", "SFT − base", "LoRA − base")
+                ),
+            ]
+        )
+    table += "\nPer axis (headline metrics pooled over items, 95% bootstrap CI; deltas paired vs base):\n\n"
+    table += md_table(["axis", "base", "SFT", "LoRA", "SFT − base", "LoRA − base"], axis_rows)
+    if record.get("contamination"):
+        table += "\nContamination (word 13-grams, chain_sum train split vs every eval set):\n\n" + md_table(
+            ["train", "eval", "items", "flagged", "rate"],
+            [[h["train"], h["eval"], h["items"], h["flagged"], h["rate"]] for h in record["contamination"]],
+        )
+    (dest / "summary.md").write_text(table, encoding="utf-8")
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    axes_names = [a["axis"] for a in summary["axes"]]
+    for offset, model in enumerate(("base", "SFT", "LoRA")):
+        means = [a[model]["mean"] for a in summary["axes"]]
+        err = [
+            [m - a[model]["low"] for m, a in zip(means, summary["axes"])],
+            [a[model]["high"] - m for m, a in zip(means, summary["axes"])],
+        ]
+        ax.bar(
+            [i + 0.27 * (offset - 1) for i in range(len(means))],
+            means,
+            width=0.27,
+            yerr=err,
+            capsize=2,
+            label=model,
+        )
+    ax.set_xticks(range(len(axes_names)), axes_names)
+    ax.set(ylabel="headline score (mean over items)", title="alignment checklist: SmolLM2 base, SFT, LoRA")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest / "summary.png", dpi=110)
+    plt.close(fig)
+    print(table)
+
+
+# ------------------------------------------------------------------------------------------------- URIAL
+CHAT_TASKS = (
+    "format_constraints",
+    "harmful_refusal",
+    "benign_compliance",
+    "closed_book_facts",
+    "country_names_de",
+)
+
+
+def urial(runs: Path) -> None:
+    dest = HERE / "urial"
+    record, scores = checklist_record(runs)
+    summary, rows = {"tasks": [], "shift": {}}, []
+    for task in CHAT_TASKS:
+        for metric, _ in scores["base"][task].items():
+            n = len(scores["base"][task][metric])
+            cells = {m: bootstrap(scores[m][task][metric]) for m in ("base", "SFT", "URIAL")}
+            d_urial = paired(scores["URIAL"][task][metric], scores["base"][task][metric])
+            d_sft = paired(scores["SFT"][task][metric], scores["base"][task][metric])
+            d_us = paired(scores["URIAL"][task][metric], scores["SFT"][task][metric])
+            summary["tasks"].append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "n": n,
+                    **{m: dict(zip(("mean", "low", "high"), v)) for m, v in cells.items()},
+                    "urial_minus_base": dict(zip(("delta", "low", "high"), d_urial)),
+                    "sft_minus_base": dict(zip(("delta", "low", "high"), d_sft)),
+                    "urial_minus_sft": dict(zip(("delta", "low", "high"), d_us)),
+                }
+            )
+            rows.append(
+                [
+                    task,
+                    metric,
+                    n,
+                    *(ci_text(*cells[m]) for m in ("base", "SFT", "URIAL")),
+                    ci_text(*d_urial),
+                    ci_text(*d_sft),
+                    ci_text(*d_us),
+                ]
+            )
+    table = md_table(
+        ["task", "metric", "n", "base", "SFT", "URIAL (K=3)", "URIAL − base", "SFT − base", "URIAL − SFT"],
+        rows,
+    )
+    shift_rows = []
+    for label, run in (("SFT vs base", "shift_sft"), ("URIAL vs base (prefix off)", "shift_urial")):
+        if not (runs / run / "urial-shift.json").exists():
+            continue
+        rec = copy_tool(runs, run, "urial-shift", dest, run)
+        summary["shift"][label] = {k: rec[k] for k in ("positions", "ratios", "mean_kl", "top_shifted")}
+        shift_rows.append(
+            [
+                label,
+                rec["positions"],
+                *(f"{rec['ratios'][k]:.3f}" for k in ("unshifted", "marginal", "shifted")),
+                f"{rec['mean_kl']:.3f}",
+                ", ".join(f"{t!r}×{c}" for t, c in rec["top_shifted"][:8]),
+            ]
+        )
+    if shift_rows:
+        table += (
+            "\nToken distribution shift (built-in 6 chat prompts, 48 new tokens, greedy):\n\n"
+            + md_table(
+                [
+                    "aligned model",
+                    "positions",
+                    "unshifted",
+                    "marginal",
+                    "shifted",
+                    "mean KL",
+                    "top shifted tokens",
+                ],
+                shift_rows,
+            )
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "summary.md").write_text(table, encoding="utf-8")
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    ax = axes[0]
+    names = [f"{t['task']}\n{t['metric']}" for t in summary["tasks"]]
+    for offset, model in enumerate(("base", "SFT", "URIAL")):
+        means = [t[model]["mean"] for t in summary["tasks"]]
+        err = [
+            [m - t[model]["low"] for m, t in zip(means, summary["tasks"])],
+            [t[model]["high"] - m for m, t in zip(means, summary["tasks"])],
+        ]
+        ax.bar(
+            [i + 0.27 * (offset - 1) for i in range(len(means))],
+            means,
+            width=0.27,
+            yerr=err,
+            capsize=2,
+            label=model,
+        )
+    ax.set_xticks(range(len(names)), names, fontsize=7)
+    ax.set(ylabel="mean over items (95% CI)", title="chat-style checklist tasks")
+    ax.legend()
+    ax = axes[1]
+    for offset, (label, data) in enumerate(summary["shift"].items()):
+        ax.bar(
+            [i + 0.4 * offset for i in range(3)],
+            [data["ratios"][k] for k in ("unshifted", "marginal", "shifted")],
+            width=0.4,
+            label=label,
+        )
+    ax.set_xticks([0.2, 1.2, 2.2], ["unshifted", "marginal", "shifted"])
+    ax.set(ylabel="fraction of positions", title="token distribution shift vs the base")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest / "summary.png", dpi=110)
+    plt.close(fig)
+    print(table)
+
+
+# -------------------------------------------------------------------------------------------- forgetting
+FORGET_RUNS = ("SFT", "LoRA", "HFT", "LT-SFT")  # forgetting_probe.py writes OUT/<label>/conjugate.json
+
+
+def forgetting(runs: Path) -> None:
+    dest = HERE / "forgetting"
+    records = {
+        label: copy_tool(runs, f"forget/{label}", "conjugate", dest, f"conjugate_{label}")
+        for label in FORGET_RUNS
+        if (runs / "forget" / label / "conjugate.json").exists()
+    }
+    shutil.copy(runs / "forget" / "base.json", dest / "base.json")
+    summary, rows, versus = {"methods": {}, "vs_sft": {}}, [], []
+    for label, record in records.items():
+        summary["methods"][label] = []
+        for t in record["transforms"]:
+            ci, rec = t["drop_ci"], t["recovery_ci"]
+            summary["methods"][label].append(
+                {k: t[k] for k in ("transform", "metric", "base", "tuned", "drop", "drop_ci", "recovery_ci")}
+            )
+            n = ci["n"]
+            rows.append(
+                [
+                    label,
+                    t["transform"],
+                    n,
+                    f"{t['base']:.3f}",
+                    f"{t['tuned']:.3f}",
+                    ci_text(ci["drop"], ci["low"], ci["high"]),
+                    verdict(ci["low"], ci["high"], "forgets", "improves", n),
+                    "-" if rec is None else ci_text(rec["recovery"], rec["low"], rec["high"]),
+                ]
+            )
+    table = md_table(
+        [
+            "method",
+            "transform",
+            "n",
+            "base",
+            "tuned",
+            "drop = base − tuned (paired CI)",
+            "reading",
+            "recovery = drop_id − drop_t",
+        ],
+        rows,
+    )
+    if "SFT" in records:
+        for label, record in records.items():
+            if label == "SFT":
+                continue
+            for t, s in zip(record["transforms"], records["SFT"]["transforms"]):
+                assert t["transform"] == s["transform"]
+                d = paired(t["tuned_items"], s["tuned_items"])  # same records: forgets less => positive
+                n = len(t["tuned_items"])
+                summary["vs_sft"].setdefault(label, []).append(
+                    {"transform": t["transform"], "delta": d[0], "low": d[1], "high": d[2], "n": n}
+                )
+                versus.append(
+                    [
+                        label,
+                        t["transform"],
+                        n,
+                        ci_text(*d),
+                        verdict(d[1], d[2], f"{label} forgets less", f"{label} forgets more", n),
+                    ]
+                )
+        table += "\nTuned score minus SFT's on the same items (positive: forgets less than full SFT):\n\n"
+        table += md_table(["method", "transform", "n", "method − SFT (paired CI)", "reading"], versus)
+    (dest / "summary.md").write_text(table, encoding="utf-8")
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    transforms = [t["transform"] for t in next(iter(records.values()))["transforms"]]
+    width = 0.8 / max(1, len(records))
+    for offset, (label, record) in enumerate(records.items()):
+        drops = [t["drop_ci"] for t in record["transforms"]]
+        ax.bar(
+            [i + width * (offset - (len(records) - 1) / 2) for i in range(len(drops))],
+            [d["drop"] for d in drops],
+            width=width,
+            capsize=2,
+            label=label,
+            yerr=[[d["drop"] - d["low"] for d in drops], [d["high"] - d["drop"] for d in drops]],
+        )
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(transforms)), transforms)
+    ax.set(ylabel="drop = base − tuned (paired 95% CI)", title="forgetting on basic_arithmetic per transform")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest / "summary.png", dpi=110)
+    plt.close(fig)
+    print(table)
+
+
+STUDIES = {"tuco": tuco, "checklist": checklist, "urial": urial, "forgetting": forgetting}
 
 
 def main() -> None:
