@@ -152,18 +152,25 @@ def decode_ids(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """(B, new) token ids after the LEFT-padded prompts (``pad_id`` after a row's EOS).
 
-    With ``output_scores`` also the (B, new, V) logits of every step.
+    With ``output_scores`` also the (B, new, V) logits of every step. Greedy decoding without scores drops a
+    row from the batch (and from the KV cache) once it has emitted EOS, so a batch costs what its live rows
+    cost rather than its longest row times its width; the ids are the same as decoding every row to the end.
+    Sampling and uncached decoding keep every row (a seeded ``generator`` draws the same numbers whatever the
+    rows do; uncached steps re-run the adapter's prefill on the whole batch).
     """
     from transformers import DynamicCache
 
     hooks = hooks if hooks is not None else PlainHooks(model)
     batch = input_ids.shape[0]
     ids, mask = input_ids, attention_mask
+    compact = use_cache and not do_sample and not output_scores  # uncached steps re-run hooks on all rows
+    rows = torch.arange(batch, device=ids.device)  # the original row of each row still decoding
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     eos_tensor = torch.tensor(sorted(eos), device=ids.device)
-    tokens: list[Tensor] = []
+    new = input_ids.new_full((batch, max_new_tokens), pad_id)
     scores: list[Tensor] = []
     cache = full_mask = next_position = None
+    steps = 0
     for step in range(max_new_tokens):
         if step == 0 or not use_cache:
             prefill = hooks.prefill(ids, mask)
@@ -185,13 +192,19 @@ def decode_ids(
             scores.append(logits)
         token = choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
+        new[rows, step] = token
+        steps = step + 1
         done |= torch.isin(token, eos_tensor)
         ids = torch.cat([ids, token.unsqueeze(1)], 1)
         mask = torch.cat([mask, torch.ones_like(token).unsqueeze(1)], 1)
         if done.all():
             break
-    new = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(batch, 0)
+        if compact and done.any() and hasattr(cache, "batch_select_indices"):
+            keep = (~done).nonzero().flatten()
+            rows, done, ids, mask = rows[keep], done[keep], ids[keep], mask[keep]
+            full_mask, next_position = full_mask[keep], next_position[keep]
+            cache.batch_select_indices(keep)
+    new = new[:, :steps]
     return (new, torch.stack(scores, 1)) if output_scores else new
 
 

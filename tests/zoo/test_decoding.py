@@ -60,3 +60,17 @@ def test_scores_are_the_full_forward_logits_of_each_step(sharp_tiny):
             full = torch.cat([ids, new[:, :step]], 1)
             expected = model(input_ids=full).logits[0, -1]
             assert torch.allclose(scores[0, step], expected, atol=1e-4)
+
+
+def test_dropping_finished_rows_gives_the_ids_of_decoding_every_row_to_the_end(sharp_tiny):
+    model, tokenizer = sharp_tiny
+    model = model.double()
+    ids, mask = left_pad([render_prompt_ids(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
+    run = dict(max_new_tokens=8, pad_id=tokenizer.pad_token_id)
+    free = decode_ids(model, ids, mask, eos=set(), **run)
+    eos = {int(free[0, 1])}  # row 0 ends at step 1; the others run on (unless they hit the token too)
+    assert any(eos.isdisjoint(row.tolist()) for row in free[1:]), "pick prompts whose rows outlive row 0"
+    kept = decode_ids(model, ids, mask, eos=eos, output_scores=True, **run)[0]  # scores: no row is dropped
+    dropped = decode_ids(model, ids, mask, eos=eos, **run)
+    assert torch.equal(dropped, kept)
+    assert (dropped[0, 2:] == tokenizer.pad_token_id).all() and dropped.shape[1] == 8
