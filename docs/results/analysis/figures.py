@@ -358,7 +358,7 @@ def urial(runs: Path) -> None:
         )
     if shift_rows:
         table += (
-            "\nToken distribution shift (built-in 6 chat prompts, 48 new tokens, greedy):\n\n"
+            "\nToken distribution shift (the tool's 6 built-in chat prompts, 32 new tokens, greedy):\n\n"
             + md_table(
                 [
                     "aligned model",
