@@ -106,8 +106,8 @@ def test_notebook_runs_on_the_tiny_backbone(path, tmp_path, monkeypatch, kernel_
 
     env = {"ZOO_NOTEBOOK_MODEL": "tiny-llama", "ZOO_NOTEBOOK_OUT": str(tmp_path / "out"),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg",
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # (a debugger warning of the kernel on frozen modules)
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
     (tmp_path / "out").mkdir()
