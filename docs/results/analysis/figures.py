@@ -416,6 +416,58 @@ def urial(runs: Path) -> None:
 FORGET_RUNS = ("SFT", "LoRA", "HFT", "LT-SFT")  # forgetting_probe.py writes OUT/<label>/conjugate.json
 
 
+NLL_LABELS = {"base": "base", "sft": "SFT", "lora": "LoRA", "hft": "HFT", "lt_sft": "LT-SFT"}
+
+
+def nll_forgetting(runs: Path, dest: Path) -> list[dict]:
+    """Per-problem response NLL (nll_sum / tokens) of every row of the ``zoo bench --ckpt ... --limit 0`` runs
+    on gsm_symbolic, with paired deltas vs the base and vs SFT."""
+    import gzip
+
+    per_row: dict[str, dict] = {}
+    for folder in ("nll_gsm", "nll_gsm_lt"):
+        results = runs / folder / "results.jsonl"
+        if not results.exists():
+            continue
+        shutil.copy(results, dest / f"{folder}_results.jsonl")
+        for line in results.read_text().splitlines():
+            record = json.loads(line)
+            name = record["method"].removeprefix("ckpt:").split("-s0")[0]
+            label = NLL_LABELS.get(name, NLL_LABELS.get(name.split("_dense")[0], name))
+            with gzip.open(runs / folder / record["items"], "rt") as handle:
+                items = {
+                    (i["id"], i["prompt_sha"]): i["nll_sum"] / i["tokens"] for i in map(json.loads, handle)
+                }
+            per_row[label] = items
+    if "base" not in per_row:
+        return []
+    keys = sorted(per_row["base"])
+    rows = []
+    for label in ("base", "SFT", "LoRA", "HFT", "LT-SFT"):
+        if label not in per_row:
+            continue
+        values = [per_row[label][k] for k in keys]
+        mean, low, high = bootstrap(values)
+        vs_base = None if label == "base" else paired(values, [per_row["base"][k] for k in keys])
+        vs_sft = (
+            None
+            if label in ("base", "SFT") or "SFT" not in per_row
+            else paired(values, [per_row["SFT"][k] for k in keys])
+        )
+        rows.append(
+            {
+                "row": label,
+                "n": len(keys),
+                "nll": mean,
+                "low": low,
+                "high": high,
+                "vs_base": vs_base,
+                "vs_sft": vs_sft,
+            }
+        )
+    return rows
+
+
 def forgetting(runs: Path) -> None:
     dest = HERE / "forgetting"
     records = {
@@ -480,9 +532,53 @@ def forgetting(runs: Path) -> None:
                 )
         table += "\nTuned score minus SFT's on the same items (positive: forgets less than full SFT):\n\n"
         table += md_table(["method", "transform", "n", "method − SFT (paired CI)", "reading"], versus)
+    nll_rows = nll_forgetting(runs, dest)
+    if nll_rows:
+        summary["nll_gsm_symbolic"] = nll_rows
+        table += (
+            "\nResponse NLL per token on 32 held-out gsm_symbolic worked solutions (off-task; lower is "
+            "better; per-problem mean NLL, paired over the same problems):\n\n"
+        )
+        table += md_table(
+            ["row", "NLL", "95% CI", "row − base", "reading", "row − SFT", "reading"],
+            [
+                [
+                    r["row"],
+                    f"{r['nll']:.3f}",
+                    f"[{r['low']:.3f}, {r['high']:.3f}]",
+                    "-" if r["vs_base"] is None else ci_text(*r["vs_base"]),
+                    "-"
+                    if r["vs_base"] is None
+                    else verdict(*r["vs_base"][1:], "higher NLL (forgets)", "lower NLL", r["n"]),
+                    "-" if r["vs_sft"] is None else ci_text(*r["vs_sft"]),
+                    "-"
+                    if r["vs_sft"] is None
+                    else verdict(*r["vs_sft"][1:], "higher NLL than SFT", "lower NLL than SFT", r["n"]),
+                ]
+                for r in nll_rows
+            ],
+        )
     (dest / "summary.md").write_text(table, encoding="utf-8")
     (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, (ax, ax_nll) = plt.subplots(1, 2, figsize=(13, 3.8))
+    if nll_rows:
+        tuned = [r for r in nll_rows if r["vs_base"] is not None]
+        ax_nll.bar(
+            range(len(tuned)),
+            [r["vs_base"][0] for r in tuned],
+            color="tab:purple",
+            yerr=[
+                [r["vs_base"][0] - r["vs_base"][1] for r in tuned],
+                [r["vs_base"][2] - r["vs_base"][0] for r in tuned],
+            ],
+            capsize=3,
+        )
+        ax_nll.axhline(0, color="black", lw=0.8)
+        ax_nll.set_xticks(range(len(tuned)), [r["row"] for r in tuned])
+        ax_nll.set(
+            ylabel="NLL/token: row − base (paired 95% CI)",
+            title="off-task gsm_symbolic worked solutions (> 0: forgetting)",
+        )
     transforms = [t["transform"] for t in next(iter(records.values()))["transforms"]]
     width = 0.8 / max(1, len(records))
     for offset, (label, record) in enumerate(records.items()):
