@@ -601,7 +601,70 @@ def forgetting(runs: Path) -> None:
     print(table)
 
 
-STUDIES = {"tuco": tuco, "checklist": checklist, "urial": urial, "forgetting": forgetting}
+# --------------------------------------------------------------------------------------------------- RAG
+def rag(runs: Path) -> None:
+    dest = HERE / "rag"
+    record = copy_tool(runs, "rag", "rag", dest, "rag")
+    items = record.pop("items", {})
+    rows, summary = (
+        [],
+        {
+            "settings": record["settings"],
+            "hit_rate": record["hit_rate"],
+            "rows": record["rows"],
+            "answer_tokens": record["answer_tokens"],
+        },
+    )
+    for r in record["rows"]:
+        delta = "delta_delta" in r
+        n = len(items.get(r["model"], [])) or record["settings"]["test_items"]
+        rows.append(
+            [
+                r["model"],
+                r["metric"],
+                ci_text(r["mean"], r["low"], r["high"]),
+                ci_text(r["delta_delta"], r["delta_low"], r["delta_high"]) if delta else "-",
+                f"{r['delta_wins']}/{r['delta_losses']}/{r['delta_ties']}" if delta else "-",
+                f"{r['delta_sign_p']:.3f}" if delta else "-",
+                verdict(r["delta_low"], r["delta_high"], "above base", "below base", n) if delta else "-",
+            ]
+        )
+    table = md_table(
+        ["model", "metric", "mean [95% CI]", "Δ vs base (paired)", "W/L/T", "sign p", "reading"], rows
+    )
+    table += (
+        f"\nRetrieval hit rate (gold passage in top {record['settings']['k']}): {record['hit_rate']:.3f}; "
+        "mean answer length (words): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in record["answer_tokens"].items())
+        + "\n"
+    )
+    (dest / "summary.md").write_text(table, encoding="utf-8")
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    metrics = list(dict.fromkeys(r["metric"] for r in record["rows"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        base = next(r for r in record["rows"] if r["model"] == "base" and r["metric"] == metric)
+        tuned = [r for r in record["rows"] if r["model"] != "base" and r["metric"] == metric]
+        ax.axhspan(base["low"], base["high"], color="grey", alpha=0.2)
+        ax.axhline(base["mean"], color="black", lw=1, label="base")
+        ax.errorbar(
+            range(len(tuned)),
+            [r["mean"] for r in tuned],
+            capsize=3,
+            fmt="o-",
+            label="fine-tuned",
+            yerr=[[r["mean"] - r["low"] for r in tuned], [r["high"] - r["mean"] for r in tuned]],
+        )
+        ax.set_xticks(range(len(tuned)), [r["model"] for r in tuned])
+        ax.set(title=metric, ylabel="mean over questions (95% CI)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(dest / "summary.png", dpi=110)
+    plt.close(fig)
+    print(table)
+
+
+STUDIES = {"tuco": tuco, "checklist": checklist, "urial": urial, "forgetting": forgetting, "rag": rag}
 
 
 def main() -> None:
