@@ -101,7 +101,7 @@ class SelectionRecorder(Callback):
 
 # ---------------------------------------------------------------------------- running and reading
 DATA = ["--model.init_args.model", "tiny-llama", "--data.class_path", "zoo.datamodules.SFTDataModule",
-        "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "16",
+        "--data.init_args.dataset", "chain_sum", "--data.init_args.num_train", "11",
         "--data.init_args.num_val", "4", "--data.init_args.num_test", "4",
         "--data.init_args.max_length", "128", "--data.init_args.batch_size", "3"]
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
