@@ -40,8 +40,8 @@ def tiny_module():
 
 @pytest.fixture
 def tiny_data():
-    """Factory: ``tiny_data(**kwargs)``: a few chain_sum problems with the tiny byte tokenizer (11 training rows:
-    batches of 4, 4, 3, so epochs end mid-schedule in the tests that count them)."""
+    """Factory: ``tiny_data(**kwargs)``: a few chain_sum problems with the tiny byte tokenizer (11 training
+    rows: batches of 4, 4, 3, so epochs end mid-schedule in the tests that count them)."""
     from zoo.datamodules import SFTDataModule
 
     def make(**kwargs):

@@ -97,7 +97,7 @@ def pref_data():
 
 
 def test_pipeline_contrast_models_score_rejected_lower_and_cdpo_trains(pref_data, tiny_module, fit_tiny, tmp_path):
-    positive, negative = train_contrast_models(pref_data, "tiny-llama", steps=40, lr=3e-3, peft_config={},
+    positive, negative = train_contrast_models(pref_data, "tiny-llama", steps=80, lr=3e-3, peft_config={},
                                                output_dir=tmp_path)
     batch = next(iter(pref_data._loader("train", shuffle=False)))
     scores = contrastive_scores(positive, negative, batch)
@@ -150,7 +150,7 @@ def test_validation_logs_the_cdpo_loss_of_the_contrast_scores_not_plain_dpo(pref
     module = tiny_module(cls=CDPOModule, beta=0.5)
     _perturbed(module.model, 1)  # policy != reference, so the log-ratios are not zero
     # briefly trained contrast models: scores well away from 0 (random models give ~1/vocab everywhere)
-    positive, negative = train_contrast_models(pref_data, "tiny-llama", steps=30, lr=3e-3, peft_config={})
+    positive, negative = train_contrast_models(pref_data, "tiny-llama", steps=80, lr=3e-3, peft_config={})
     module.set_contrast_models(positive, negative)
     loader = pref_data._loader("val", shuffle=False)
     assert len(loader) == 1  # one batch: the logged epoch value is this batch's
