@@ -38,7 +38,7 @@ from zoo.harness.generation import generate_for_module
 def evaluate(module, datamodule, args: argparse.Namespace,
              completions_path: Path | None = None, items_path: Path | None = None) -> dict[str, Any]:
     """Generation metrics on the first ``limit`` test records, plus the test split's response NLL
-    (classification modules, :func:`is_classifier`: label-score predictions, no NLL; multi-label data adds
+    (classification modules, :func:`is_classifier`: label-score predictions; multi-label data adds
     per-item ``exact_match`` as the main metric);
     ``items_path``: where the per-item records go (:mod:`zoo.harness.bench.items`; the result's ``items``
     names it as ``items/<file>``)."""
@@ -60,11 +60,10 @@ def evaluate(module, datamodule, args: argparse.Namespace,
         exact = [datamodule.score_completion(r, c)["exact_match"] for r, c in zip(records, completions)]
         metrics = {"exact_match": sum(exact) / len(exact), **metrics}
     main_metric = next(iter(metrics), None)
-    if classifier:  # label scores only: no response-NLL pass (it would double the evaluation's cost)
-        nll = {"per_item": {}}
-    else:
-        nll = response_nll_items(module, datamodule, "test")  # the split NLL and its per-item sums, one pass
-        metrics.update(nll=nll["nll"], ppl=nll["ppl"], nll_tokens=nll["tokens"])
+    # the split NLL and its per-item sums, one pass (classifiers: the NLL of the label text, one forward an
+    # item, what `zoo bench --ckpt` and the contract matrix reproduce)
+    nll = response_nll_items(module, datamodule, "test")
+    metrics.update(nll=nll["nll"], ppl=nll["ppl"], nll_tokens=nll["tokens"])
     if hasattr(datamodule, "preference_metrics"):  # held-out pairs: reward and log-prob accuracy / margin
         metrics.update(datamodule.preference_metrics(module, split="test"))
     if completions_path is not None:
