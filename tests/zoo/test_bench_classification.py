@@ -78,7 +78,8 @@ def test_multi_label_completions_parse_back_to_the_predicted_label_sets(tmp_path
     assert [item["scores"]["exact_match"] for item in items] == exact
     assert result["main_metric"] == "exact_match" and math.isclose(result["metrics"]["exact_match"],
                                                                    sum(exact) / len(exact))
-    assert "nll" not in result["metrics"]  # label scores only
+    nll_sum, tokens = sum(i["nll_sum"] for i in items), sum(i["tokens"] for i in items)  # label text
+    assert math.isclose(result["metrics"]["nll"], nll_sum / tokens, rel_tol=1e-6)
     truth = torch.tensor([[float(label in r["labels"]) for label in data.labels] for r in records])
     hits = torch.tensor([[float(label in p) for label in data.labels] for p in predicted])
     micro = f1_score(truth.numpy(), hits.numpy(), average="micro", zero_division=0)
