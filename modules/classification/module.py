@@ -210,9 +210,15 @@ class ClassificationModule(CausalLMModule):
             self.log_dict(logged, sync_dist=True)
 
     def _calibrate_from_data(self) -> None:
-        kind = self.hparams.calibration
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if kind == "none" or datamodule is None:
+        if datamodule is not None:
+            self.calibrate_from(datamodule)
+
+    def calibrate_from(self, datamodule) -> None:
+        """Set the label prior as ``calibration`` says, from ``datamodule``'s content-free prompts or its
+        ``unlabeled`` split: what each validation / test epoch does first, and the bench before predicting."""
+        kind = self.hparams.calibration
+        if kind == "none":
             return
         if kind == "content_free":
             prompts = datamodule.content_free_prompts()

@@ -96,11 +96,8 @@ def predict_completions(module, datamodule, records: list[dict[str, Any]], batch
     prompts or the ``unlabeled`` split)."""
     from zoo.datamodules.classification import label_text
 
-    kind = getattr(module, "hparams", {}).get("calibration", "none")
-    if kind == "content_free" and hasattr(datamodule, "content_free_prompts"):
-        module.calibrate(datamodule.content_free_prompts())
-    elif kind == "unlabeled" and datamodule.records.get("unlabeled"):
-        module.calibrate([r["prompt"] for r in datamodule.records["unlabeled"]])
+    if hasattr(module, "calibrate_from"):
+        module.calibrate_from(datamodule)
     completions: list[str] = []
     for start in range(0, len(records), batch_size):
         prompts = [r["prompt"] for r in records[start: start + batch_size]]
