@@ -137,9 +137,9 @@ def test_trd_is_optimisable_on_the_tiny_backbone(tiny_module, tiny_data, fit_tin
 
     record = Record()
     callback = TokenRelationDistillation(layer=1, weight=5.0, margin=0.0, projector_width=32, tokens="all")
-    fit_tiny(tiny_module(lr=3e-3), tiny_data(), callbacks=[callback, record], max_steps=30)
+    fit_tiny(tiny_module(lr=3e-3), tiny_data(), callbacks=[callback, record], max_steps=60)
     first, last = sum(record.values[:3]) / 3, sum(record.values[-3:]) / 3
-    assert first > 0.02 and last < 0.7 * first, record.values  # measured 0.74 -> 0.42
+    assert first > 0.02 and last < 0.7 * first, record.values  # measured 0.75 -> 0.36 (60 steps, 11 rows)
 
 
 def test_minilm_teacher_trains_through_fit(tiny_module, tiny_data, fit_tiny):
