@@ -96,7 +96,7 @@ def test_pipeline_separates_an_oracle_from_a_context_blind_model(corpus):
         compare(runs)
 
 
-def test_pipeline_and_study_run_end_to_end_on_the_tiny_backbone(tmp_path, tiny_module):
+def test_pipeline_and_study_run_end_to_end_on_the_tiny_backbone(tmp_path, tiny_module, monkeypatch):
     from zoo.harness.rag.study import run_study
 
     corpus = build_country_corpus()
@@ -114,6 +114,16 @@ def test_pipeline_and_study_run_end_to_end_on_the_tiny_backbone(tmp_path, tiny_m
     assert all(not math.isnan(r["delta_delta"]) for r in result["rows"] if r["model"] != "base")
     assert len((tmp_path / "ft_8.jsonl").read_text().splitlines()) == 8
     assert json.loads((tmp_path / "rag_study.json").read_text())["settings"]["sizes"] == [4, 8]
+
+    import zoo.harness.bench.driver as driver
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished size was trained again")
+
+    monkeypatch.setattr(driver, "build_cli", no_training)  # a rerun reads every finished size back
+    again = run_study("configs/sft.yaml", sizes=(4, 8), out=tmp_path, model="tiny-llama", max_steps=1,
+                      limit=3, max_new_tokens=4)
+    assert again["rows"] == result["rows"]
 
 
 def test_analyze_rag_tool_writes_table_and_record(tmp_path, capsys):

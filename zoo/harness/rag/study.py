@@ -6,6 +6,8 @@ Fine-tuning data: the first n pool items (a fixed order), ``question -> answer``
 with the pipeline's system line. The training
 budget is fixed across n in epochs (``epochs``; or ``max_steps`` when given), with the config's own lr.
 The base is the first config's module before it trains (for adapters: the identity initialisation).
+Resumable: each finished size leaves ``runs/n<N>/rag_items.json`` (base and tuned records), which a rerun
+with the same ``out`` reads back instead of training again.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def run_study(config: str | Path, sizes: tuple[int, ...] = (200, 500, 1000),
     items = task.prepare(corpus.test[:limit] if limit else None)
     runs: dict[str, list[dict[str, Any]]] = {}
     for n in sizes:
+        done = out / "runs" / f"n{n}" / "rag_items.json"
+        if done.is_file():  # resumable: a finished size is read back, not retrained
+            cached = json.loads(done.read_text(encoding="utf-8"))
+            runs.setdefault("base", cached["base"])
+            runs[f"n={n}"] = cached["tuned"]
+            continue
         data = write_ft_data(task, corpus, n, out / f"ft_{n}.jsonl", ft_with_context)
         argv = ["--config", str(config), "--data.class_path", "zoo.datamodules.SFTDataModule",
                 "--data.init_args.dataset", str(data),
@@ -65,6 +73,7 @@ def run_study(config: str | Path, sizes: tuple[int, ...] = (200, 500, 1000),
             runs["base"] = task.run(cli.model, items, batch_size)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         runs[f"n={n}"] = task.run(cli.model, items, batch_size)
+        done.write_text(json.dumps({"base": runs["base"], "tuned": runs[f"n={n}"]}) + "\n", encoding="utf-8")
         del cli
         gc.collect()
     rows = compare(runs)
