@@ -16,7 +16,8 @@ A. ``VerbalizerBuilder`` (offline): reads a frozen related-terms source (JSON ``
    weighted verbalizer.
 B. ``SciPromptModule``: the template "The field of this study is related to:" after the text, the answer
    slot = the next-token position (a causal LM's analogue of SciBERT's [MASK]); word logit = mean of its
-   sub-token logits teacher-forced (the shared :class:`Verbalizer`); p(w) normalised over ALL label words;
+   sub-token logits at that one slot (spec step 5, OpenPrompt's aggregation; :func:`slot_word_logits`: one
+   forward per prompt, however many words); p(w) normalised over ALL label words;
    contextual calibration on unlabeled / support inputs (divide by the prior, drop words whose tokens sit in
    the lowest ``candidate_frac`` of prior logits, :func:`low_prior_words`); class score
    ``sum_{w in V_c} alpha_w log p(w)``, alpha = softmax over V_c of the scores s_w times ``pred_temp``
@@ -160,6 +161,19 @@ def weighted_label_scores(word_log_probs: Tensor, word_label: Tensor, weights: T
     return out.index_add(1, word_label, word_log_probs * alpha.to(word_log_probs.dtype))
 
 
+def slot_word_logits(slot_logits: Tensor, word_token_ids: list[list[int]]) -> Tensor:
+    """(B, W) word logits from (B, V) answer-slot logits: ``logit(w) = mean_j logit(t_j)`` over the word's
+    sub-tokens, all read at the one slot (spec step 5; no teacher forcing, so no forward per word)."""
+    width = max(len(ids) for ids in word_token_ids)
+    index = torch.zeros(len(word_token_ids), width, dtype=torch.long, device=slot_logits.device)
+    mask = torch.zeros(len(word_token_ids), width, dtype=slot_logits.dtype, device=slot_logits.device)
+    for w, ids in enumerate(word_token_ids):
+        index[w, : len(ids)] = torch.tensor(ids, device=slot_logits.device)
+        mask[w, : len(ids)] = 1
+    gathered = slot_logits[:, index]  # (B, W, width)
+    return (gathered * mask).sum(-1) / mask.sum(-1)
+
+
 def calibrated_word_log_probs(word_scores: Tensor, prior: Tensor | None) -> Tensor:
     """(B, W) ``log p(w)`` normalised over ALL label words, divided by the (W,) ``prior`` and renormalised
     (contextual calibration); ``prior`` None: uncalibrated."""
@@ -290,14 +304,14 @@ class SciPromptModule(ClassificationModule):
         """(B, C) SciPrompt class scores of token-id prompts (``prompt_hidden`` (B, H) at each prompt's end,
         reused when given)."""
         verbalizer = self.verbalizer
+        if prompt_hidden is None:
+            hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device))
+            ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
+            prompt_hidden = hidden[torch.arange(len(prompts), device=hidden.device), ends]
         if self.soft_head is not None:
-            if prompt_hidden is None:
-                hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device))
-                ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
-                prompt_hidden = hidden[torch.arange(len(prompts), device=hidden.device), ends]
             return self.soft_head(prompt_hidden.to(self.soft_head.weight.dtype)).log_softmax(-1)
-        word_scores = verbalizer.word_logprobs(self.forward_hidden, self.lm_head_weight(), prompts,
-                                               self.tokenizer.pad_token_id, prompt_hidden)
+        slot_logits = torch.nn.functional.linear(prompt_hidden, *self.lm_head_weight()).float()
+        word_scores = slot_word_logits(slot_logits, verbalizer.word_ids)
         log_p = calibrated_word_log_probs(word_scores, self.word_prior)  # uniform until calibrated
         weights = verbalizer.word_weight * self.word_keep
         return weighted_label_scores(log_p, self.word_label, weights.to(log_p.dtype), verbalizer.num_labels)
@@ -305,7 +319,7 @@ class SciPromptModule(ClassificationModule):
     def label_scores(self, batch: dict[str, Tensor], outputs: StepOutputs | None = None) -> Tensor:
         prompts = self.prompt_ids(batch)
         prompt_hidden = None
-        if outputs is not None and (self.verbalizer.single_token or self.soft_head is not None):
+        if outputs is not None:
             ends = torch.tensor([len(p) - 1 for p in prompts], device=outputs.hidden.device)
             prompt_hidden = outputs.hidden[torch.arange(len(prompts), device=ends.device), ends]
         return self.scores_from_hidden(prompts, prompt_hidden)
@@ -333,9 +347,9 @@ class SciPromptModule(ClassificationModule):
                 hidden = self.forward_hidden(right_pad(chunk, pad, self.device))
                 ends = torch.tensor([len(p) - 1 for p in chunk], device=hidden.device)
                 last = hidden[torch.arange(len(chunk), device=hidden.device), ends]
-                logits.append(torch.nn.functional.linear(last, weight, bias).float())
-                scores = verbalizer.word_logprobs(self.forward_hidden, (weight, bias), chunk, pad, last)
-                probs.append(scores.float().softmax(-1))
+                slot_logits = torch.nn.functional.linear(last, weight, bias).float()
+                logits.append(slot_logits)
+                probs.append(slot_word_logits(slot_logits, verbalizer.word_ids).softmax(-1))
         finally:
             self.train(was_training)
         self.word_prior.copy_(torch.cat(probs).mean(0).to(self.word_prior.dtype))

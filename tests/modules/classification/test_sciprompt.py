@@ -13,6 +13,7 @@ from zoo.modules.classification.sciprompt import (
     calibrated_word_log_probs,
     filter_terms,
     low_prior_words,
+    slot_word_logits,
     soft_verbalizer_init,
     weighted_label_scores,
 )
@@ -93,6 +94,37 @@ def test_module_with_one_word_per_label_scores_the_log_softmax_over_label_words(
         module.word_prior.copy_(torch.tensor([0.2, 0.5, 0.3]))
     calibrated = module.scores_from_hidden(prompts)
     assert not torch.allclose(calibrated, got)
+
+
+def test_a_multi_token_word_scores_the_mean_of_its_sub_token_logits_at_the_one_slot():
+    logits = torch.tensor([[1.0, 2.0, 4.0, -1.0, 0.5], [0.0, -3.0, 3.0, 6.0, 1.0]])
+    got = slot_word_logits(logits, [[2], [0, 3], [1, 4, 2]])
+    expected = torch.tensor([[4.0, (1.0 - 1.0) / 2, (2.0 + 0.5 + 4.0) / 3],
+                             [3.0, (0.0 + 6.0) / 2, (-3.0 + 1.0 + 3.0) / 3]])  # worked by hand
+    assert torch.allclose(got, expected)
+
+
+def test_module_scores_multi_token_words_from_one_forward_per_prompt(tmp_path):
+    file = tmp_path / "verbalizer.json"
+    file.write_text(json.dumps({"a": {"alpha beta": 0.9}, "b": {"gamma delta epsilon": 0.8}}))
+    module = SciPromptModule(model="tiny-llama", labels=["a", "b"], verbalizer_file=str(file), export=False)
+    module.eval()
+    assert not module.verbalizer.single_token
+    calls = []
+    forward_hidden = module.forward_hidden
+    module.forward_hidden = lambda batch: calls.append(batch["input_ids"].shape[0]) or forward_hidden(batch)
+    prompts = [[40, 41, 42], [50, 51, 52, 53, 54]]
+    got = module.scores_from_hidden(prompts)
+    assert calls == [2]  # one row per prompt, not one per (prompt, word)
+    words = module.verbalizer.word_ids
+    for row, prompt in enumerate(prompts):  # reference: next-token logits, word = mean of its sub-tokens
+        slot = module.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        log_p = torch.stack([slot[ids].mean() for ids in words]).log_softmax(-1)
+        alpha = module.verbalizer.word_weight
+        label = torch.tensor(module.verbalizer.word_label)
+        expected = torch.stack([(alpha[label == c] / alpha[label == c].sum() * log_p[label == c]).sum()
+                                for c in range(2)])
+        assert torch.allclose(got[row], expected, atol=1e-5)
 
 
 @pytest.mark.slow
