@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import inspect
 import io
 import json
 import os
@@ -307,7 +308,10 @@ class SFTDataModule(L.LightningDataModule):
                                  ("max_length", max_length, 1), ("num_val", num_val, 0), ("num_test", num_test, 0),
                                  ("num_workers", num_workers, 0)):
             check_range(f"data.init_args.{name}", value, low, hint=f"use an integer >= {low}")
+        given = dict(locals())
         self.save_hyperparameters()
+        for name in SFT_ARGUMENTS:  # LightningCLI records a subclass's own arguments only: keep the rest
+            self.hparams.setdefault(name, given[name])
         self.fields = {"prompt": "prompt", "response": "response", "answer": "answer", **(fields or {})}
         self.tokenizer = backbone.load_tokenizer(tokenizer)
         self.records: dict[str, list[dict[str, Any]]] = {}
@@ -476,3 +480,6 @@ def extract_final_answer(text: str) -> str:
         return tail.splitlines()[0].strip() if tail else ""
     numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
     return numbers[-1].replace(",", "") if numbers else text.strip()
+
+
+SFT_ARGUMENTS = tuple(name for name in inspect.signature(SFTDataModule.__init__).parameters if name != "self")

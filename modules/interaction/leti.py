@@ -244,7 +244,6 @@ class LeTIDataModule(CodeDataModule):
                          eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, timeout=timeout,
                          memory_mb=memory_mb, sandbox_workers=sandbox_workers)
         self.hparams["dataset"] = dataset
-        self.hparams["overlong"] = "truncate"
         self.token_ids = add_special_tokens(self.tokenizer, LETI_TOKENS)
 
     def load_records(self) -> dict[str, list[dict[str, Any]]]:

@@ -309,3 +309,19 @@ def test_missing_file_is_a_clear_error(tiny_data, tmp_path):
 def test_too_few_rows_for_held_out_splits(tiny_data):
     with pytest.raises(DataError, match="cannot also provide"):
         local_data(tiny_data, FIXTURE, num_val=5, num_test=5)
+
+
+def test_a_subclass_built_by_lightning_cli_keeps_the_base_arguments_it_does_not_expose():
+    """LightningCLI records only the arguments a config gives a subclass (its own signature); the base's
+    ``overlong`` and friends must still be in ``hparams`` (a CodeDataModule bench failed on this)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    from datamodules.code import CodeDataModule
+    from datamodules.sft import SFT_ARGUMENTS
+
+    with _given_hyperparameters_context({"num_train": 4, "tokenizer": "tiny-llama"}, "jsonargparse"):
+        data = CodeDataModule(num_train=4, num_val=2, num_test=2, tokenizer="tiny-llama")
+    assert data.hparams.num_train == 4 and data.hparams.overlong == "truncate"
+    assert set(SFT_ARGUMENTS) <= set(data.hparams)
+    data.setup("fit")  # encodes with fit_length(..., hparams.overlong)
+    assert len(data.encoded["train"]) == 4

@@ -99,3 +99,22 @@ def test_contamination_warns_loudly(capsys):
     assert figures["test"]["flagged"] == 0 and figures["other"]["flagged"] == 1
     assert figures["other"]["items"] == 2
     assert "WARNING: CONTAMINATION row: 1 of 2 other items" in capsys.readouterr().err
+
+
+def test_the_base_row_gets_the_special_tokens_the_data_added(tmp_path):
+    """LeTI's data adds reward tokens to its tokenizer; the untuned base row must index them (it failed
+    with an embedding IndexError on the response-NLL pass)."""
+    import torch
+
+    from modules.interaction.leti import LETI_TOKENS, LeTIDataModule
+    from zoo.harness.bench.evaluation import base_module
+    from zoo.harness.generation import response_nll_items
+
+    data = LeTIDataModule(tokenizer="tiny-llama", num_train=4, num_val=2, num_test=2)
+    data.setup("test")
+    module = base_module("tiny-llama", data)
+    ids = [module.tokenizer.convert_tokens_to_ids(t) for t in LETI_TOKENS]
+    assert ids == [data.tokenizer.convert_tokens_to_ids(t) for t in LETI_TOKENS]
+    assert module.model.get_input_embeddings().weight.shape[0] > max(ids)
+    nll = response_nll_items(module, data, "test")
+    assert len(nll["per_item"]) == 2 and torch.isfinite(torch.tensor(nll["nll"]))

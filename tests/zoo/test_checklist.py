@@ -35,6 +35,18 @@ def test_contamination_finds_a_planted_long_and_a_planted_short_item():
     assert rows[("planted", "rag")]["rate"] == pytest.approx(2 / 3)
 
 
+def test_a_shared_instruction_is_format_not_contamination_but_a_leaked_problem_still_is():
+    instruction = "Complete the following Python function. Reply with the complete function in one code block."
+    problems = [f"def task_{i}(x): return the sum of the first {i} primes after x, skipping every "
+                f"multiple of {i + 2} along the way" for i in range(4)]
+    evals = {"code": [f"{instruction} {p}" for p in problems]}
+    train = {"other": [f"{instruction} def unrelated(y): return y"],  # same instruction, new problem
+             "leaked": [f"{instruction} def unrelated(y): return y", problems[2]]}
+    rows = {r["train"]: r for r in cl.contamination(train, evals, n=13)}
+    assert rows["other"]["flagged_items"] == []  # 4 of 4 before the format was discounted
+    assert rows["leaked"]["flagged_items"] == [2]
+
+
 def test_no_contamination_between_built_in_train_splits_and_the_suite():
     from zoo.datamodules import SFTDataModule
     from zoo.harness.rag.corpus import build_country_corpus

@@ -122,7 +122,24 @@ def base_module(name: str, datamodule):
     if labels and hasattr(datamodule, "multi_label"):
         return ClassificationModule(model=name, labels=list(labels), multi_label=bool(datamodule.multi_label),
                                     export=False)
-    return CausalLMModule(model=name, export=False)
+    module = CausalLMModule(model=name, export=False)
+    extend_to_data_tokens(module, datamodule)
+    return module
+
+
+def extend_to_data_tokens(module, datamodule) -> None:
+    """Give the base row the special tokens the data's tokenizer added (LeTI's reward tokens, ...), through
+    the shared :func:`~zoo.tokens.extend_vocabulary` (new rows = the mean row, as a method's own run gets
+    them), so the data's ids index its embeddings."""
+    from zoo.tokens import extend_vocabulary
+
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is None:
+        return
+    have = module.tokenizer.get_vocab()
+    missing = [t for t in tokenizer.get_added_vocab() if t not in have]
+    if missing:
+        extend_vocabulary(module.model, module.tokenizer, missing)
 
 
 def evaluate_base(cli, args: argparse.Namespace, out: Path, config: Path, done: set, results: Path) -> None:

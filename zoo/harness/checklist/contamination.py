@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 from zoo.errors import ConfigError
@@ -26,13 +27,22 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
+def template_ngrams(items: list[str], n: int, min_items: int = 3) -> set[tuple[str, ...]]:
+    """The eval set's own format: ``n``-grams found in more than half of its items (and in at least
+    ``min_items``), e.g. an instruction every prompt starts with. A leaked problem's n-grams are its own, so
+    they are never here."""
+    counts = Counter(gram for text in items for gram in ngrams(text, n))
+    return {gram for gram, count in counts.items() if count >= min_items and count > len(items) / 2}
+
+
 def contamination(
     train: dict[str, list[str]], evals: dict[str, list[str]], n: int = 13
 ) -> list[dict[str, Any]]:
     """For every (training set, eval set) pair: the eval items sharing a word ``n``-gram with the training
-    texts (items shorter than ``n`` words: an exact normalised match). Texts are normalised like the judges
-    (case, punctuation, whitespace), except that an operator stays on its operand (:func:`words`). Returns
-    one row per pair with the flagged item indices."""
+    texts (items shorter than ``n`` words: an exact normalised match), not counting the eval set's shared
+    format (:func:`template_ngrams`: an instruction in every prompt is not a leaked problem). Texts are
+    normalised like the judges (case, punctuation, whitespace), except that an operator stays on its operand
+    (:func:`words`). Returns one row per pair with the flagged item indices."""
     rows = []
     for train_name, texts in train.items():
         grams: set[tuple[str, ...]] = set()
@@ -41,11 +51,12 @@ def contamination(
             grams |= ngrams(text, n)
             whole.add(normalize(text))
         for eval_name, items in evals.items():
+            shared = grams - template_ngrams(items, n)
             flagged = [
                 i
                 for i, text in enumerate(items)
                 if (
-                    ngrams(text, n) & grams if len(normalize(text).split()) >= n else normalize(text) in whole
+                    ngrams(text, n) & shared if len(normalize(text).split()) >= n else normalize(text) in whole
                 )
             ]
             rows.append(
