@@ -36,7 +36,8 @@ def test_contamination_finds_a_planted_long_and_a_planted_short_item():
 
 
 def test_a_shared_instruction_is_format_not_contamination_but_a_leaked_problem_still_is():
-    instruction = "Complete the following Python function. Reply with the complete function in one code block."
+    instruction = ("Complete the following Python function. Reply with the complete function in one "
+                   "code block.")
     problems = [f"def task_{i}(x): return the sum of the first {i} primes after x, skipping every "
                 f"multiple of {i + 2} along the way" for i in range(4)]
     evals = {"code": [f"{instruction} {p}" for p in problems]}

@@ -55,9 +55,8 @@ def contamination(
             flagged = [
                 i
                 for i, text in enumerate(items)
-                if (
-                    ngrams(text, n) & shared if len(normalize(text).split()) >= n else normalize(text) in whole
-                )
+                if (ngrams(text, n) & shared if len(normalize(text).split()) >= n
+                    else normalize(text) in whole)
             ]
             rows.append(
                 {
