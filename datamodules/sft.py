@@ -22,7 +22,6 @@ import functools
 import inspect
 import io
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +35,7 @@ from zoo import backbone, tasks
 from zoo.chat import render_prompt_ids  # noqa: F401  (re-exported: data and decoding render alike)
 from zoo.errors import ZooError, check_range, did_you_mean
 from zoo.kernels.selected_ce import IGNORE_INDEX
+from zoo.seeding import run_seed
 
 SEGMENT_PAD, SEGMENT_PROMPT, SEGMENT_REASONING, SEGMENT_ANSWER = 0, 1, 2, 3
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -415,9 +415,7 @@ class SFTDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def shuffle_seed(self) -> int:
         """The training-order seed: ``shuffle_seed``, else the global seed Lightning set, else ``seed``."""
-        if self.hparams.get("shuffle_seed") is not None:
-            return self.hparams.shuffle_seed
-        return int(os.environ.get("PL_GLOBAL_SEED", self.hparams.seed))
+        return run_seed(self.hparams.get("shuffle_seed"), self.hparams.seed)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.encoded:

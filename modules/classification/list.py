@@ -51,6 +51,7 @@ from zoo.modules.base import StepOutputs
 from zoo.modules.classification.module import ClassificationModule
 from zoo.modules.sparse.param_mask import rebuild_optimizer
 from zoo.registry import register_method
+from zoo.seeding import run_seed
 
 AdapterInit = Literal["normal", "zero"]
 
@@ -137,20 +138,22 @@ class _OutputHook:
 class LiSTAdapter(Adapter):
     """Frozen backbone + LiST adapters after every attention output and FFN output projection."""
 
-    def __init__(self, bottleneck: int = 128, init: AdapterInit = "normal", init_seed: int = 0) -> None:
+    def __init__(self, bottleneck: int = 128, init: AdapterInit = "normal",
+                 init_seed: int | None = None) -> None:
         """
         Args:
             bottleneck: m, adapter bottleneck (paper: 128).
             init: ``normal`` (both matrices N(0, 0.02), the paper's) or ``zero`` (W_up = 0: identity at
                 start).
-            init_seed: seed of the first initialisation (re-initialisations draw from the session seed).
+            init_seed: seed of the first initialisation (re-initialisations draw from the session seed);
+                None: the run's seed.
         """
         super().__init__()
         if bottleneck < 1:
             raise ConfigError(f"LiST bottleneck must be >= 1, got {bottleneck}")
         if init not in ("normal", "zero"):
             raise ConfigError(f"LiST init must be 'normal' or 'zero', got {init!r}")
-        self.bottleneck, self.init, self.init_seed = bottleneck, init, init_seed
+        self.bottleneck, self.init, self.init_seed = bottleneck, init, run_seed(init_seed)
         self.adapters = nn.ModuleList()
         self.enabled = True
 
@@ -303,7 +306,8 @@ class SelfTrainingLoop(Callback):
     CE."""
 
     def __init__(self, teacher_steps: int = 100, sessions: int = 6, unlabeled_steps: int = 1000,
-                 labeled_steps: int = 200, meta_warmup: float = 0.6, tau: float = 0.0, seed: int = 0) -> None:
+                 labeled_steps: int = 200, meta_warmup: float = 0.6, tau: float = 0.0,
+                 seed: int | None = None) -> None:
         """
         Args:
             teacher_steps: stage 0, labeled steps that train the first teacher.
@@ -312,14 +316,15 @@ class SelfTrainingLoop(Callback):
             labeled_steps: labeled fine-tuning steps after each unlabeled phase (paper: E_ft = 50 epochs).
             meta_warmup: fraction of T_u with confidence weights before meta re-weighting (paper 0.6).
             tau: confidence threshold of the confidence weights (paper 0: uniform).
-            seed: students are re-drawn with ``seed + session``.
+            seed: students are re-drawn with ``seed + session``; None: the run's seed, so bench seeds vary
+                them.
         """
         super().__init__()
         if min(teacher_steps, sessions, unlabeled_steps, labeled_steps) < 0 or not 0 <= meta_warmup <= 1:
             raise ConfigError("SelfTrainingLoop: step counts must be >= 0 and meta_warmup in [0, 1]")
         self.teacher_steps, self.sessions = teacher_steps, sessions
         self.unlabeled_steps, self.labeled_steps = unlabeled_steps, labeled_steps
-        self.meta_warmup, self.tau, self.seed = meta_warmup, tau, seed
+        self.meta_warmup, self.tau, self.seed = meta_warmup, tau, run_seed(seed)
         self.session = 0  # sessions started so far
         self._unlabeled: Iterator | None = None
 

@@ -123,3 +123,18 @@ def test_learner_never_runs_backward_through_the_lm_and_never_shows_a_query_its_
     assert len(module.pseudo) == len(module.texts) > len(module.reliable)  # re-labelled at step 2
     module.relabel()
     assert {i: module.pseudo[i] for i in module.reliable} == reliable_labels
+
+
+def test_the_learner_samples_from_the_run_seed_unless_given_its_own(monkeypatch):
+    """Bench seeds must vary the learner: with ``seed`` unset its generator follows ``seed_everything``."""
+    from zoo.modules.classification.blackbox_prompt import UnsupervisedPromptLearner
+
+    def first_draws(**kwargs):
+        module = UnsupervisedPromptLearner(model="tiny-llama", export=False, labels=["a", "b"], **kwargs)
+        return torch.randperm(1000, generator=module.generator)[:8].tolist()
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    seed0 = first_draws()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    assert first_draws() != seed0
+    assert first_draws(seed=0) == seed0  # an explicit seed wins over the run's

@@ -153,3 +153,11 @@ def test_unlabeled_phase_loss_is_the_weighted_kl_only():
     teacher = module.scores_at(module.teacher_state, unlabeled).softmax(-1)
     kl = (teacher * (teacher.log() - module.label_scores(unlabeled).log_softmax(-1))).sum(-1)
     assert torch.allclose(loss, (kl / (2 + 1e-5)).sum(), atol=1e-6)
+
+
+def test_students_and_their_first_draw_follow_the_run_seed_unless_given(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    assert SelfTrainingLoop().seed == 3 and SelfTrainingLoop(seed=7).seed == 7
+    assert LiSTAdapter().init_seed == 3 and LiSTAdapter(init_seed=1).init_seed == 1
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert SelfTrainingLoop().seed == 0
