@@ -15,6 +15,9 @@
   program passes only if ``check`` returns (an early ``sys.exit(0)`` fails). Each distinct program runs
   once per evaluation: :meth:`CodeDataModule.score_completion` reuses what
   :meth:`CodeDataModule.evaluation_metrics` ran.
+* Built-in tasks as code (``dataset: chain_sum`` and the like): every split comes from the task (disjoint by
+  construction) as "write ``solve()`` returning the answer", tested by the returned value; the same
+  problems LeTI's loop learns from, so plain SFT on their reference programs is its matched baseline.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from zoo import backbone
+from zoo import backbone, tasks
 from zoo.datamodules.sft import DataError, SFTDataModule
 from zoo.sandbox import Program, SandboxResult, run_many
 
@@ -153,12 +156,33 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - result
 
 
+def task_as_code_problem(record: dict[str, Any]) -> dict[str, Any]:
+    """A built-in task's record as a code problem: write ``solve()`` returning the final answer, tested by
+    equality of its ``str``; the response (LeTI: held-out NLL only; plain SFT trains on it) returns the
+    answer."""
+    question = record["prompt"].replace("\\", "\\\\").replace('"""', "'''")
+    answer = str(record["answer"]).strip()
+    code_prompt = f'def solve():\n    """Return the final answer to this problem: {question}"""\n'
+    test = f"def check(candidate):\n    assert str(candidate()).strip() == {answer!r}\n"
+    return {"prompt": INSTRUCTION.format(code_prompt=code_prompt),
+            "response": f"```python\n{code_prompt}    return {answer!r}\n```", "answer": answer,
+            "code_prompt": code_prompt, "test": test, "entry_point": "solve", "task_id": f"zoo/{answer}"}
+
+
+def task_code_problems(task: str, num_train: int, num_val: int, num_test: int, seed: int
+                       ) -> dict[str, list[dict[str, Any]]]:
+    """Every split of built-in task ``task`` (disjoint by construction) as :func:`task_as_code_problem`s."""
+    sizes = {"train": num_train, "val": num_val, "test": num_test}
+    return {split: [task_as_code_problem(r) for r in records]
+            for split, records in tasks.task_splits(task, sizes, seed=seed).items()}
+
+
 class CodeDataModule(SFTDataModule):
     """SFT on synthetic Python functions; evaluation = HumanEval pass@k run in the sandbox."""
 
     def __init__(
         self,
-        dataset: Literal["humaneval"] = "humaneval",
+        dataset: str = "humaneval",
         tokenizer: str = backbone.SMOLLM2,
         num_train: int = 400,
         num_val: int = 16,
@@ -175,7 +199,9 @@ class CodeDataModule(SFTDataModule):
     ) -> None:
         """
         Args:
-            dataset: ``humaneval`` (the only code benchmark bundled offline).
+            dataset: ``humaneval`` (synthetic training functions, HumanEval test: the only code benchmark
+                bundled offline) or a built-in task (``chain_sum``, ...): every split from the task, each
+                problem "write ``solve()`` returning the answer" (:func:`task_as_code_problem`).
             tokenizer: the backbone whose tokenizer renders the data.
             num_train: synthetic training functions.
             num_val: synthetic validation functions (disjoint from train).
@@ -208,7 +234,10 @@ class CodeDataModule(SFTDataModule):
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
         hp = self.hparams
         if hp.dataset != "humaneval":
-            raise DataError(f"CodeDataModule: unknown dataset {hp.dataset!r}; use humaneval")
+            if not tasks.is_builtin_task(hp.dataset):
+                raise DataError(f"CodeDataModule: unknown dataset {hp.dataset!r}; use humaneval or a built-in "
+                                "task (chain_sum, ...: write solve() returning the answer)")
+            return task_code_problems(hp.dataset, hp.num_train, hp.num_val, hp.num_test, hp.seed)
         train = synthetic_code_tasks(hp.num_train, seed=hp.seed)
         val = synthetic_code_tasks(hp.num_val, seed=hp.seed + 1, exclude={r["entry_point"] for r in train})
         return {"train": train, "val": val, "test": humaneval_problems(hp.num_test)}

@@ -36,12 +36,13 @@ from lightning.pytorch.callbacks import Callback
 from zoo import backbone, tasks
 from zoo.chat import render_prompt_ids
 from zoo.datamodules.code import (
-    INSTRUCTION,
     CodeDataModule,
     build_program,
     humaneval_problems,
     pass_at_k,
     synthetic_code_tasks,
+    task_as_code_problem,  # noqa: F401  (re-exported: LeTI's problems from built-in tasks)
+    task_code_problems,
 )
 from zoo.datamodules.sft import (
     SEGMENT_ANSWER,
@@ -186,18 +187,6 @@ class FeedbackConditionedLM(CausalLMModule):
 
 
 # ---------------------------------------------------------------------------- problems with tests
-def task_as_code_problem(record: dict[str, Any]) -> dict[str, Any]:
-    """A built-in task's record as a code problem: write ``solve()`` returning the final answer, tested by
-    equality of its ``str``; the response (held-out NLL only, never trained on) returns the answer."""
-    question = record["prompt"].replace("\\", "\\\\").replace('"""', "'''")
-    answer = str(record["answer"]).strip()
-    code_prompt = f'def solve():\n    """Return the final answer to this problem: {question}"""\n'
-    test = f"def check(candidate):\n    assert str(candidate()).strip() == {answer!r}\n"
-    return {"prompt": INSTRUCTION.format(code_prompt=code_prompt),
-            "response": f"```python\n{code_prompt}    return {answer!r}\n```", "answer": answer,
-            "code_prompt": code_prompt, "test": test, "entry_point": "solve", "task_id": f"zoo/{answer}"}
-
-
 class LeTIDataModule(CodeDataModule):
     """Problems with tests for :class:`LeTILoop`; the training rows are what the loop builds each iteration
     (no ground-truth solution is trained on). Val / test rows (held-out NLL, ``<|good|>``-conditioned) and
@@ -256,9 +245,7 @@ class LeTIDataModule(CodeDataModule):
         if not tasks.is_builtin_task(hp.dataset):
             raise DataError(f"LeTIDataModule: unknown dataset {hp.dataset!r}; use {SYNTHETIC} or a built-in "
                             "task (chain_sum, ...)")
-        sizes = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}
-        return {split: [task_as_code_problem(r) for r in records]
-                for split, records in tasks.task_splits(hp.dataset, sizes, seed=hp.seed).items()}
+        return task_code_problems(hp.dataset, hp.num_train, hp.num_val, hp.num_test, hp.seed)
 
     def encode_split(self, records: list[dict[str, Any]], split: str) -> EncodedDataset:
         if split == "train":

@@ -101,3 +101,18 @@ def test_each_program_runs_once_per_evaluation(monkeypatch):
     assert len(launched) == 2
     data.evaluation_metrics(records[:1] * 3, [records[0]["response"]] * 3)  # three identical samples
     assert len(launched) == 3
+
+
+def test_a_built_in_task_serves_as_code_problems_with_disjoint_splits_that_pass_their_own_tests():
+    from zoo.datamodules.code import CodeDataModule, build_program
+    from zoo.sandbox import run_many
+
+    data = CodeDataModule(dataset="chain_sum", tokenizer="tiny-llama", num_train=6, num_val=2, num_test=3)
+    records = data.load_records()
+    assert {k: len(v) for k, v in records.items()} == {"train": 6, "val": 2, "test": 3}
+    prompts = {split: {r["prompt"] for r in rows} for split, rows in records.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["val"] & prompts["test"]
+    reference = [build_program(r, r["response"]) for r in records["test"]]
+    wrong = [build_program(r, r["response"].replace("return", "return 'x' +")) for r in records["test"]]
+    results = run_many(reference + wrong, workers=2, timeout=10)
+    assert [r.passed for r in results] == [True] * 3 + [False] * 3

@@ -48,6 +48,20 @@ def test_a_shared_instruction_is_format_not_contamination_but_a_leaked_problem_s
     assert rows["leaked"]["flagged_items"] == [2]
 
 
+def test_a_short_problem_inside_a_format_is_flagged_only_when_it_is_the_same_problem():
+    """chain_sum as code: a long shared instruction around a short question. A training question that only
+    starts like a test one is not a leak (a 13-gram straddling the format said it was); the same question
+    is."""
+    wrap = ("Complete the following Python function and reply with the function in one block of code. "
+            "def solve(): Return the final answer to this problem: {q}").format
+    questions = ["What is 5 + 3 - 2 + 7?", "What is 9 - 4 + 1?", "What is 2 + 2 + 8?", "What is 6 - 1 - 1?"]
+    evals = {"code": [wrap(q=q) for q in questions]}
+    train = {"prefix": [wrap(q="What is 5 + 3 - 2 + 7 - 6 + 1?")], "same": [wrap(q="What is 9 - 4 + 1?")]}
+    rows = {r["train"]: r for r in cl.contamination(train, evals, n=13)}
+    assert rows["prefix"]["flagged_items"] == []
+    assert rows["same"]["flagged_items"] == [1]
+
+
 def test_no_contamination_between_built_in_train_splits_and_the_suite():
     from zoo.datamodules import SFTDataModule
     from zoo.harness.rag.corpus import build_country_corpus

@@ -602,9 +602,11 @@ def forgetting(runs: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- RAG
-def rag(runs: Path) -> None:
-    dest = HERE / "rag"
-    record = copy_tool(runs, "rag", "rag", dest, "rag")
+def rag(runs: Path, run: str = "rag") -> None:
+    """``run``: the ``--out`` folder under ``runs`` (``rag``: n in {20, 50, 100}; ``rag_full``: the spec's
+    n in {200, 500, 1000}); the summary goes to the folder of the same name here."""
+    dest = HERE / run
+    record = copy_tool(runs, run, "rag", dest, "rag")
     items = record.pop("items", {})
     rows, summary = (
         [],
@@ -664,7 +666,8 @@ def rag(runs: Path) -> None:
     print(table)
 
 
-STUDIES = {"tuco": tuco, "checklist": checklist, "urial": urial, "forgetting": forgetting, "rag": rag}
+STUDIES = {"tuco": tuco, "checklist": checklist, "urial": urial, "forgetting": forgetting, "rag": rag,
+           "rag_full": lambda runs: rag(runs, "rag_full")}
 
 
 def main() -> None:

@@ -137,7 +137,8 @@ def extend_to_data_tokens(module, datamodule) -> None:
     if tokenizer is None:
         return
     have = module.tokenizer.get_vocab()
-    missing = [t for t in tokenizer.get_added_vocab() if t not in have]
+    rows = module.model.get_input_embeddings().weight.shape[0]  # a shared tokenizer may know them already
+    missing = [t for t in tokenizer.get_added_vocab() if have.get(t, rows) >= rows]
     if missing:
         extend_vocabulary(module.model, module.tokenizer, missing)
 

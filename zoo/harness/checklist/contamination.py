@@ -35,14 +35,27 @@ def template_ngrams(items: list[str], n: int, min_items: int = 3) -> set[tuple[s
     return {gram for gram, count in counts.items() if count >= min_items and count > len(items) / 2}
 
 
+def content(tokens: list[str], template: set[tuple[str, ...]], n: int) -> tuple[set[tuple[str, ...]], str]:
+    """(the ``n``-grams of ``tokens`` that touch no word of a template n-gram, the words outside the template
+    joined): what is left of an item once its format is taken away. An n-gram straddling the format and
+    the problem would flag two problems that only share their first few words."""
+    covered = [False] * len(tokens)
+    for i in range(len(tokens) - n + 1):
+        if tuple(tokens[i : i + n]) in template:
+            covered[i : i + n] = [True] * n
+    grams = {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1) if not any(covered[i : i + n])}
+    return grams, " ".join(t for t, c in zip(tokens, covered) if not c)
+
+
 def contamination(
     train: dict[str, list[str]], evals: dict[str, list[str]], n: int = 13
 ) -> list[dict[str, Any]]:
     """For every (training set, eval set) pair: the eval items sharing a word ``n``-gram with the training
-    texts (items shorter than ``n`` words: an exact normalised match), not counting the eval set's shared
-    format (:func:`template_ngrams`: an instruction in every prompt is not a leaked problem). Texts are
-    normalised like the judges (case, punctuation, whitespace), except that an operator stays on its operand
-    (:func:`words`). Returns one row per pair with the flagged item indices."""
+    texts, or, when fewer than ``n`` words remain, whose words equal a training text's (normalised). The
+    eval set's shared format (:func:`template_ngrams`, e.g. an instruction in every prompt) is taken out of
+    both sides first (:func:`content`): it is not a leaked problem. Texts are normalised like the judges
+    (case, punctuation, whitespace), except that an operator stays on its operand (:func:`words`). Returns
+    one row per pair with the flagged item indices."""
     rows = []
     for train_name, texts in train.items():
         grams: set[tuple[str, ...]] = set()
@@ -51,13 +64,13 @@ def contamination(
             grams |= ngrams(text, n)
             whole.add(normalize(text))
         for eval_name, items in evals.items():
-            shared = grams - template_ngrams(items, n)
-            flagged = [
-                i
-                for i, text in enumerate(items)
-                if (ngrams(text, n) & shared if len(normalize(text).split()) >= n
-                    else normalize(text) in whole)
-            ]
+            template = template_ngrams(items, n)
+            rests = whole | {content(words(t), template, n)[1] for t in texts} if template else whole
+            flagged = []
+            for i, text in enumerate(items):
+                own, rest = content(words(text), template, n)
+                if (own & grams) if own else (rest in rests or normalize(text) in whole):
+                    flagged.append(i)
             rows.append(
                 {
                     "train": train_name,
