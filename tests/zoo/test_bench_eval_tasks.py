@@ -106,9 +106,9 @@ def test_the_base_row_gets_the_special_tokens_the_data_added(tmp_path):
     with an embedding IndexError on the response-NLL pass)."""
     import torch
 
-    from zoo.modules.interaction.leti import LETI_TOKENS, LeTIDataModule
     from zoo.harness.bench.evaluation import base_module
     from zoo.harness.generation import response_nll_items
+    from zoo.modules.interaction.leti import LETI_TOKENS, LeTIDataModule
 
     data = LeTIDataModule(tokenizer="tiny-llama", num_train=4, num_val=2, num_test=2)
     data.setup("test")

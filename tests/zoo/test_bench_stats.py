@@ -93,6 +93,29 @@ def test_compare_rows_pairs_items_and_seeds(tmp_path):
     assert math.isfinite(nll["low"]) and nll["low"] <= nll["diff"] <= nll["high"]
 
 
+def test_rows_of_two_data_modules_pair_only_on_the_prompts_they_share(tmp_path):
+    """LeTI's data and plain code SFT's data are two data modules with the same HumanEval prompts: they pair
+    (the report used to need the same ``dataset`` name); items whose prompts differ never pair."""
+    from zoo.harness.bench.items import write_items
+    from zoo.harness.bench.report import summarize
+    from zoo.harness.bench.stats import attach_comparisons
+
+    def record(method, dataset, prompts, scores):
+        path = tmp_path / "items" / f"{method}.jsonl.gz"
+        write_items(path, [{"prompt": p} for p in prompts], ["x"] * len(prompts),
+                    [{"pass@1": s} for s in scores], {})
+        return {"method": method, "seed": 0, "backbone": "b", "budget": {"limit": 3}, "dataset": dataset,
+                "main_metric": "pass@1", "metrics": {"pass@1": sum(scores) / 3},
+                "items": f"items/{path.name}"}
+
+    records = [record("sft", "humaneval", ["a", "b", "c"], [0, 0, 0]),
+               record("leti", "synthetic_code", ["a", "b", "X"], [1, 1, 1])]
+    rows = summarize(records)
+    attach_comparisons(rows, records, tmp_path, "sft")
+    compared = next(r for r in rows if r["method"] == "leti")["compare"]["pass@1"]
+    assert compared["items"] == 2 and compared["diff"] == pytest.approx(1.0)  # item 2's prompts differ
+
+
 def test_per_item_nll_sums_to_the_split_nll(tiny_module, tiny_data):
     """Per-item sums from the one pass add up to generation.response_nll, and each item's sum equals HF's own
     loss on that row alone."""

@@ -92,7 +92,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     commits = sorted({c for r in rows for c in r.get("commits", [])})
     if len(commits) > 1:  # a table should come from one commit (issue 13): say when it does not
-        lines += ["", f"Rows come from {len(commits)} commits ({', '.join(c[:12] for c in commits)}): "
+        shown = ", ".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in commits)
+        lines += ["", f"Rows come from {len(commits)} commits ({shown}): "
                   "regenerate them at one commit (zoo bench --rerun rebuilds a row from its record)."]
     if compared:
         lines += ["", f"Δ: paired difference to `{reference}` (row - reference) over the items both scored "

@@ -105,6 +105,12 @@ def _items(out: Path, record: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {line["id"]: line for line in read_items(out / name)} if name else {}
 
 
+def same_item(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two items records are the same test item: equal ids (the caller's keys) and, where both
+    carry one, the same prompt hash (so rows of two data modules pair only on the prompts they share)."""
+    return a.get("prompt_sha") is None or b.get("prompt_sha") is None or a["prompt_sha"] == b["prompt_sha"]
+
+
 def compare_rows(out: Path, row: list[dict[str, Any]], reference: list[dict[str, Any]], metric: str | None,
                  resamples: int = 2000) -> dict[str, dict[str, Any]]:
     """Paired differences of a row's records to the reference's records (lists of ``results.jsonl``
@@ -115,6 +121,7 @@ def compare_rows(out: Path, row: list[dict[str, Any]], reference: list[dict[str,
     if not pairs:
         return {}
     result: dict[str, dict[str, Any]] = {}
+    pairs = [({i: a[i] for i in a if i in b and same_item(a[i], b[i])}, b) for a, b in pairs]
     if metric:
         common = sorted(set.intersection(*[
             {i for i in a if metric in a[i].get("scores", {}) and metric in b.get(i, {}).get("scores", {})}
@@ -154,7 +161,8 @@ def default_reference(records: list[dict[str, Any]]) -> str | None:
 
 def _reference_group(groups: dict[tuple, list[dict[str, Any]]], key: tuple, reference: str):
     """The reference's records for a row: same backbone, the same generation budget (limit and
-    max_new_tokens; training steps may differ, ``base`` has none), the same data set."""
+    max_new_tokens; training steps may differ, ``base`` has none), preferably the same data set (another
+    data module's rows pair only on the items whose prompts match: :func:`same_item`)."""
     import json
 
     _, backbone, budget = key
@@ -165,9 +173,9 @@ def _reference_group(groups: dict[tuple, list[dict[str, Any]]], key: tuple, refe
     for (method, other_backbone, other_budget), group in groups.items():
         other = json.loads(other_budget) or {}
         if (method == reference and other_backbone == backbone
-                and (other.get("limit"), other.get("max_new_tokens")) == want
-                and group[0].get("dataset") == dataset):
-            candidates.append((other_budget != json.dumps(budget, sort_keys=True), group))
+                and (other.get("limit"), other.get("max_new_tokens")) == want):
+            candidates.append(((group[0].get("dataset") != dataset,
+                                other_budget != json.dumps(budget, sort_keys=True)), group))
     return min(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
