@@ -148,7 +148,17 @@ class ClassificationModule(CausalLMModule):
             ends = torch.tensor([len(p) - 1 for p in prompts], device=outputs.hidden.device)
             prompt_hidden = outputs.hidden[torch.arange(len(prompts), device=ends.device), ends]
         return self.verbalizer.score(self.forward_hidden, self.lm_head_weight(), prompts,
-                                     self.tokenizer.pad_token_id, prompt_hidden)
+                                     self.tokenizer.pad_token_id, prompt_hidden, self.prefix_cache_model())
+
+    def prefix_cache_model(self) -> nn.Module | None:
+        """The backbone when ``forward_hidden`` is its plain forward (the adapter changes weights only:
+        LoRA, IA3, bottleneck hooks), so multi-token label words can reuse each prompt's KV cache; None
+        when the adapter builds its own inputs (soft prompts) or a subclass has its own forward."""
+        from zoo.modules.adapters.base import Adapter
+
+        plain_adapter = type(self.adapter).hidden_states is Adapter.hidden_states
+        plain_module = type(self).forward_hidden is ClassificationModule.forward_hidden
+        return self.model if plain_adapter and plain_module else None
 
     def classification_loss(self, scores: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """CE over label scores (single-label; rows with class_index -1 ignored) or BCE over log-odds."""
@@ -268,7 +278,8 @@ class ClassificationModule(CausalLMModule):
             raise ConfigError(f"{type(self).__name__} has no labels yet: pass labels or fit with data")
         pad, lm_head = self.tokenizer.pad_token_id, self.lm_head_weight()
         scores = self.score_rendered(
-            prompts, lambda rows: self.verbalizer.score(self.forward_hidden, lm_head, rows, pad), batch_size)
+            prompts, lambda rows: self.verbalizer.score(self.forward_hidden, lm_head, rows, pad,
+                                                        model=self.prefix_cache_model()), batch_size)
         return self.verbalizer.calibrate(scores) if calibrated and not self.multi_label else scores
 
     def calibrate(self, prompts: list[str]) -> None:

@@ -146,10 +146,16 @@ class Verbalizer(nn.Module):
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
     def word_logprobs(self, hidden_fn: HiddenFn, lm_head: Head,
-                      prompts: list[list[int]], pad_id: int, prompt_hidden: Tensor | None = None) -> Tensor:
-        """Teacher-forced ``log p(word | prompt)`` (B, W) for every prompt and word (module docstring)."""
+                      prompts: list[list[int]], pad_id: int, prompt_hidden: Tensor | None = None,
+                      model: nn.Module | None = None) -> Tensor:
+        """Teacher-forced ``log p(word | prompt)`` (B, W) for every prompt and word (module docstring).
+        ``model``: the backbone ``hidden_fn`` runs (weights-only adapters), for multi-token words without
+        gradient: each prompt runs once and its cache serves every word (:meth:`cached_word_logprobs`)."""
         if not self.word_ids:
             raise ConfigError("the Verbalizer is not bound to a tokenizer: call bind(tokenizer) first")
+        if (model is not None and not self.single_token and prompt_hidden is None
+                and self.reduced_head is None and not torch.is_grad_enabled()):
+            return self.cached_word_logprobs(model, lm_head, prompts, pad_id)
         device = lm_head[0].device
         num_words = len(self.word_ids)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -178,6 +184,60 @@ class Verbalizer(nn.Module):
             summed = summed / sizes.repeat(len(prompts))
         return summed.view(len(prompts), num_words)
 
+    @torch.no_grad()
+    def cached_word_logprobs(self, model: nn.Module, lm_head: Head, prompts: list[list[int]],
+                             pad_id: int) -> Tensor:
+        """:meth:`word_logprobs` for multi-token words with the prompt run once: prompts left-padded through
+        ``model`` with a KV cache, the cache repeated per word, then only the words' own tokens run (B x W
+        rows of at most m - 1 tokens instead of B x W rows of prompt + word). Equal to the teacher-forced
+        path up to float rounding."""
+        from zoo import backbone
+
+        device = lm_head[0].device
+        num, num_words = len(prompts), len(self.word_ids)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((num, width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((num, width), dtype=torch.long, device=device)
+        for i, row in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long, device=device)
+            mask[i, width - len(row):] = 1
+        decoder = backbone.decoder(model)  # the decoding loop's own entry point: no LM head over the prompt
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                      cache=None, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        last = out.last_hidden_state[:, -1]  # (B, H) at each prompt's last token
+        firsts = torch.tensor([w[0] for w in self.word_ids], device=device)
+        first_lp = self.token_logprobs(last.repeat_interleave(num_words, 0), firsts.repeat(num), lm_head)
+        longest = max(len(w) for w in self.word_ids)
+        if longest == 1:
+            return first_lp.view(num, num_words)
+        rest = torch.full((num * num_words, longest - 1), pad_id, dtype=torch.long, device=device)
+        for w, word in enumerate(self.word_ids):
+            if len(word) > 1:
+                rest[w::num_words, : len(word) - 1] = torch.tensor(word[:-1], device=device)
+        cache.batch_repeat_interleave(num_words)
+        lengths = mask.sum(-1).repeat_interleave(num_words)
+        full_mask = torch.cat([mask.repeat_interleave(num_words, 0), torch.ones_like(rest)], -1)
+        steps = torch.arange(longest - 1, device=device)
+        hidden = decoder(input_ids=rest, cache=cache, use_cache=True, attention_mask=full_mask,
+                         position_ids=lengths[:, None] + steps[None, :],
+                         ).last_hidden_state  # (B*W, longest - 1, H): position j predicts word token j + 1
+        rows, cols, targets = [], [], []
+        for r in range(num * num_words):
+            word = self.word_ids[r % num_words]
+            for j in range(1, len(word)):
+                rows.append(r)
+                cols.append(j - 1)
+                targets.append(word[j])
+        row_t = torch.tensor(rows, device=device)
+        later = self.token_logprobs(hidden[row_t, torch.tensor(cols, device=device)],
+                                    torch.tensor(targets, device=device), lm_head)
+        summed = first_lp.index_add(0, row_t, later.to(first_lp.dtype))
+        if self.length_norm:
+            sizes = torch.tensor([len(w) for w in self.word_ids], dtype=summed.dtype, device=device)
+            summed = summed / sizes.repeat(num)
+        return summed.view(num, num_words)
+
     def label_scores(self, word_lp: Tensor) -> Tensor:
         """(B, W) word log-probabilities -> (B, C) label scores (weighted per label, ``aggregate``)."""
         label = torch.tensor(self.word_label, device=word_lp.device)
@@ -191,10 +251,11 @@ class Verbalizer(nn.Module):
                 columns.append((word_lp[:, idx] + weight[idx].log()).logsumexp(-1))
         return torch.stack(columns, dim=-1)
 
-    def score(self, hidden_fn: HiddenFn, lm_head: Head,
-              prompts: list[list[int]], pad_id: int, prompt_hidden: Tensor | None = None) -> Tensor:
+    def score(self, hidden_fn: HiddenFn, lm_head: Head, prompts: list[list[int]], pad_id: int,
+              prompt_hidden: Tensor | None = None, model: nn.Module | None = None) -> Tensor:
         """Uncalibrated label scores (B, C)."""
-        return self.label_scores(self.word_logprobs(hidden_fn, lm_head, prompts, pad_id, prompt_hidden))
+        word_lp = self.word_logprobs(hidden_fn, lm_head, prompts, pad_id, prompt_hidden, model)
+        return self.label_scores(word_lp)
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, scores: Tensor) -> Tensor:

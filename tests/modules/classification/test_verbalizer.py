@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zoo import backbone
 from zoo.modules.classification import ClassificationModule, Verbalizer
 from zoo.modules.classification.blackbox import BlackBoxClassifier, LocalBlackBox
 from zoo.modules.classification.module import first_supervised, log_odds
@@ -38,6 +39,41 @@ def test_multi_token_label_scores_equal_hand_teacher_forced_logprob(module):
         for b, prompt in enumerate(prompts):
             for w, word in enumerate(verbalizer.word_ids):
                 assert float(got[b, w]) == pytest.approx(hand_logprob(module.model, prompt, word), abs=1e-9)
+
+
+@pytest.mark.parametrize("length_norm", [False, True])
+def test_cached_prompt_path_equals_the_teacher_forced_one(module, length_norm):
+    """Eval-time scoring runs each prompt once and reuses its KV cache for every word (left-padded prompts
+    of different lengths, words of 1 to several tokens): the same log-probabilities as teacher forcing."""
+    tok = module.tokenizer
+    prompts = [tok("Is it good? ")["input_ids"], tok("A much longer prompt goes here: ")["input_ids"],
+               tok("x")["input_ids"]]
+    words = {"pos": ["great", "splendid news"], "neg": ["b", "terrible and awful"]}
+    verbalizer = Verbalizer(["pos", "neg"], words, length_norm=length_norm).bind(tok).double()
+    assert sorted({len(w) for w in verbalizer.word_ids})[0] == 1 and not verbalizer.single_token
+    with torch.no_grad():
+        forced = verbalizer.word_logprobs(module.forward_hidden, module.lm_head_weight(), prompts,
+                                          tok.pad_token_id)
+        calls = []
+        decoder = backbone.decoder(module.model)
+        handle = decoder.register_forward_hook(lambda m, a, k, o: calls.append(k["input_ids"].shape),
+                                               with_kwargs=True)
+        try:
+            cached = verbalizer.word_logprobs(module.forward_hidden, module.lm_head_weight(), prompts,
+                                              tok.pad_token_id, model=module.prefix_cache_model())
+        finally:
+            handle.remove()
+    assert torch.allclose(cached, forced, atol=1e-9)
+    longest = max(len(w) for w in verbalizer.word_ids)
+    assert calls == [(3, max(len(p) for p in prompts)), (3 * 4, longest - 1)]  # prompts once, then words
+
+
+def test_soft_prompts_and_gradients_take_the_teacher_forced_path():
+    from zoo.modules.adapters import PromptTuning
+
+    soft = ClassificationModule(model="tiny-llama", labels=["yes", "no"], export=False,
+                                adapter=PromptTuning(num_virtual_tokens=2))
+    assert soft.prefix_cache_model() is None  # its forward prepends virtual tokens the cache cannot hold
 
 
 def test_single_token_fast_path_equals_hand_logprob(module):
