@@ -177,6 +177,22 @@ def test_trainable_parameters_are_what_trains_and_the_rest_is_bitwise_unchanged(
 
 
 @pytest.mark.parametrize("name", _names())
+def test_a_logger_can_record_the_module_and_data_hparams_together(name, fitted, tmp_path):
+    """Lightning refuses a run whose module and data module record one key with two values (UBPL's own
+    ``seed`` against the data's), but only once a logger is attached, which these rows otherwise leave out."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.utilities import _log_hyperparams
+
+    cli, _ = fitted(name)
+    loggers = cli.trainer.loggers
+    cli.trainer.loggers = [CSVLogger(tmp_path)]
+    try:
+        _log_hyperparams(cli.trainer)
+    finally:
+        cli.trainer.loggers = loggers
+
+
+@pytest.mark.parametrize("name", _names())
 def test_cached_greedy_decoding_equals_uncached(name, fitted):
     with contract_row(name, "decoding"):
         cli, _ = fitted(name)

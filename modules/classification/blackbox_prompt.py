@@ -195,7 +195,7 @@ class UnsupervisedPromptLearner(ClassificationModule):
     """Learns a discrete prompt and pseudo-labels from unlabeled texts through a black-box classifier only."""
 
     def __init__(self, samples: int = 8, queries: int = 4, demos: int = 2, rho: float = 0.3,
-                 relabel_every: int = 50, seed: int | None = None, adapter: Adapter | None = None,
+                 relabel_every: int = 50, sampling_seed: int | None = None, adapter: Adapter | None = None,
                  **kwargs: Any) -> None:
         """
         Args:
@@ -204,8 +204,9 @@ class UnsupervisedPromptLearner(ClassificationModule):
             demos: k, pseudo-labelled demonstrations in every black-box input (never the query itself).
             rho: reliable fraction per predicted class (stage 1).
             relabel_every: T_r, steps between re-labellings of the non-reliable points (0: never).
-            seed: seed of the learner's own sampling (minibatches, demonstrations, prompts); None: the run's
-                seed (``seed_everything``), so bench seeds vary it.
+            sampling_seed: seed of the learner's own sampling (minibatches, demonstrations, prompts); None:
+                the run's seed (``seed_everything``), so bench seeds vary it (not ``seed``: the data module
+                records its data seed under that name, and a logger refuses two values for one key).
             adapter: the prompt (default ``DiscretePromptAdapter(prompt_length=10, vocab_size=50)``).
             **kwargs: :class:`ClassificationModule` arguments (model, lr on theta, labels, label_words, ...).
         """
@@ -218,7 +219,7 @@ class UnsupervisedPromptLearner(ClassificationModule):
             raise ConfigError(f"need samples >= 2, queries >= 1, demos >= 0, 0 < rho <= 1 (got {samples}, "
                               f"{queries}, {demos}, {rho})")
         super().__init__(adapter=adapter, **kwargs)
-        self.generator = torch.Generator().manual_seed(run_seed(seed))
+        self.generator = torch.Generator().manual_seed(run_seed(sampling_seed))
         self.texts: list[str] = []  # the unlabeled prompts (the task's pattern applied)
         self.pseudo: dict[int, int] = {}  # index -> pseudo-label (reliable set and re-labelled points)
         self.reliable: list[int] = []

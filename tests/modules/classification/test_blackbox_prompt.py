@@ -137,4 +137,4 @@ def test_the_learner_samples_from_the_run_seed_unless_given_its_own(monkeypatch)
     seed0 = first_draws()
     monkeypatch.setenv("PL_GLOBAL_SEED", "1")
     assert first_draws() != seed0
-    assert first_draws(seed=0) == seed0  # an explicit seed wins over the run's
+    assert first_draws(sampling_seed=0) == seed0  # an explicit seed wins over the run's
