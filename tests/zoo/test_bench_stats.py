@@ -162,3 +162,20 @@ def test_report_without_items_has_no_error_bar_source_and_names_mixed_commits(tm
         row["reference"] = "sft"
     table = markdown(rows)
     assert "vs sft" not in table and "Rows come from 2 commits (aaa, bbb)" in table
+
+
+def test_the_commit_is_read_once_per_process(monkeypatch):
+    """A bench imports its code when it starts; a commit made while it runs must not relabel its records."""
+    import subprocess
+
+    from zoo.harness.bench import records
+
+    records.environment.cache_clear()
+    first = records.environment()
+
+    def no_more_git(*args, **kwargs):
+        raise AssertionError("git was asked again")
+
+    monkeypatch.setattr(subprocess, "run", no_more_git)
+    assert records.environment()["git_commit"] == first["git_commit"]
+    records.environment.cache_clear()

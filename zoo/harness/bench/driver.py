@@ -258,6 +258,7 @@ def evaluate_base_on_eval_tasks(cli, args: argparse.Namespace, out: Path, config
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    environment()  # the commit of the code this process imports, read now, before any run
     if args.rerun:  # rebuild rows from their stored resolved configs (zoo.harness.bench.rerun)
         return rerun_main(args)
     configs = [Path(c) for c in args.configs]

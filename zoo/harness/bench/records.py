@@ -7,6 +7,7 @@ may skip it. :func:`count_parameters` and :func:`data_block` describe what a rec
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -118,8 +119,10 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
 
 
 
+@functools.lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
-    """Package versions and the git commit (``+dirty`` when tracked files changed)."""
+    """Package versions and the git commit (``+dirty`` when tracked files changed), read once per process:
+    a bench imports its code when it starts, so a commit made while it runs must not relabel its records."""
     from importlib import metadata
 
     versions = {"python": sys.version.split()[0]}
