@@ -5,8 +5,9 @@ request mean loss, tau_step / tau_stop 1e-2, up to 25 epochs); only the trainabl
   locft_bf  model.layers.21.mlp.down_proj.weight (70% depth), lr 5e-4 (paper)
   full_ft   every backbone tensor, lr 1e-5
   lora      LoRA r=8 alpha=16 on all linear layers, lr 5e-4
-Protocols: single (each edit alone on the unedited model, weights restored after each) and batch (all N
-edits in one breadth-first run, mini-batches of 16). Per-edit records: efficacy (EM of the edit prompt),
+Protocols: single (each edit alone on the unedited model, weights restored after each), batch (all N
+edits in one breadth-first run, mini-batches of 16) and sequential (groups of ``--group_size`` edits, each
+group edited to convergence before the next, every edit evaluated at the end). Per-edit records: efficacy (EM of the edit prompt),
 generalisation (mean EM over the 2 rephrasings), locality (share of the 2 unrelated prompts answered as
 before), locality_answer (share of them whose reply still mentions the true answer: robust to a change of
 phrasing), fluency (ROME n-gram entropy of a 48-token free generation from the edit prompt).
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--single_edits", type=int, default=8, help="single protocol: the first N edits only")
     ap.add_argument("--single_epochs", type=int, default=10, help="single protocol: epochs at most per edit")
+    ap.add_argument("--group_size", type=int, default=4, help="sequential protocol: edits per group")
     args = ap.parse_args()
     out = Path(args.out)
     (out / "items").mkdir(parents=True, exist_ok=True)
@@ -113,6 +115,11 @@ def main() -> None:
             if protocol == "batch":
                 epochs.append(editor.edit(records, args.epochs, batch_size=16))
                 rows = per_edit(editor, records, before)
+            elif protocol == "sequential":  # groups edited one after another, all evaluated at the end
+                for start in range(0, len(records), args.group_size):
+                    group = records[start: start + args.group_size]
+                    epochs.append(editor.edit(group, args.epochs, batch_size=len(group)))
+                rows = per_edit(editor, records, before)
             else:
                 rows, off = [], 0
                 for r in records[:args.single_edits]:
@@ -134,7 +141,8 @@ def main() -> None:
             rec = {"method": method, "protocol": protocol, "edits": len(rows), "lr": METHODS[method]["lr"],
                    "trainable_params": sum(p.numel() for p in trainable.values()), "metrics": metrics,
                    "epochs_mean": sum(epochs) / len(epochs),
-                   "max_epochs": args.epochs if protocol == "batch" else args.single_epochs, "wall_s": wall,
+                   "max_epochs": args.single_epochs if protocol == "single" else args.epochs, "wall_s": wall,
+                   **({"group_size": args.group_size} if protocol == "sequential" else {}),
                    "backbone": args.model}
             with results.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
