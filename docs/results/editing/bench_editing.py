@@ -7,10 +7,11 @@ request mean loss, tau_step / tau_stop 1e-2, up to 25 epochs); only the trainabl
   lora      LoRA r=8 alpha=16 on all linear layers, lr 5e-4
 Protocols: single (each edit alone on the unedited model, weights restored after each), batch (all N
 edits in one breadth-first run, mini-batches of 16) and sequential (groups of ``--group_size`` edits, each
-group edited to convergence before the next, every edit evaluated at the end). Per-edit records: efficacy (EM of the edit prompt),
-generalisation (mean EM over the 2 rephrasings), locality (share of the 2 unrelated prompts answered as
-before), locality_answer (share of them whose reply still mentions the true answer: robust to a change of
-phrasing), fluency (ROME n-gram entropy of a 48-token free generation from the edit prompt).
+group edited to convergence before the next, every edit evaluated at the end). Per-edit records: efficacy
+(EM of the edit prompt), generalisation (mean EM over the 2 rephrasings), locality (share of the 2
+unrelated prompts answered as before), locality_answer (share of them whose reply still mentions the true
+answer: robust to a change of phrasing), fluency (ROME n-gram entropy of a 48-token free generation from
+the edit prompt).
 
     python docs/results/editing/bench_editing.py --out /work/benchruns/issue15/editing --edits 32
 """
