@@ -296,3 +296,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def hidden_size(model: nn.Module) -> int:
     config = base_model(model).config
     return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def activation_checkpointing_on(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on (the name transformers 5 uses, then the old one);
+    a checkpointed model in training drops ``use_cache``."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False

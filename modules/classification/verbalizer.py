@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo import backbone
 from zoo.errors import ConfigError
 
 Words = dict[str, list[str] | dict[str, float]]
@@ -149,12 +150,14 @@ class Verbalizer(nn.Module):
                       prompts: list[list[int]], pad_id: int, prompt_hidden: Tensor | None = None,
                       model: nn.Module | None = None) -> Tensor:
         """Teacher-forced ``log p(word | prompt)`` (B, W) for every prompt and word (module docstring).
-        ``model``: the backbone ``hidden_fn`` runs (weights-only adapters), for multi-token words without
-        gradient: each prompt runs once and its cache serves every word (:meth:`cached_word_logprobs`)."""
+        ``model``: the backbone ``hidden_fn`` runs (weights-only adapters), for multi-token words: each prompt
+        runs once and its cache serves every word (:meth:`cached_word_logprobs`; with gradient too, unless
+        activation checkpointing drops the cache)."""
         if not self.word_ids:
             raise ConfigError("the Verbalizer is not bound to a tokenizer: call bind(tokenizer) first")
-        if (model is not None and not self.single_token and prompt_hidden is None
-                and self.reduced_head is None and not torch.is_grad_enabled()):
+        cacheable = (model is not None and not self.single_token and prompt_hidden is None
+                     and self.reduced_head is None)
+        if cacheable and not (torch.is_grad_enabled() and backbone.activation_checkpointing_on(model)):
             return self.cached_word_logprobs(model, lm_head, prompts, pad_id)
         device = lm_head[0].device
         num_words = len(self.word_ids)
@@ -184,15 +187,12 @@ class Verbalizer(nn.Module):
             summed = summed / sizes.repeat(len(prompts))
         return summed.view(len(prompts), num_words)
 
-    @torch.no_grad()
     def cached_word_logprobs(self, model: nn.Module, lm_head: Head, prompts: list[list[int]],
                              pad_id: int) -> Tensor:
         """:meth:`word_logprobs` for multi-token words with the prompt run once: prompts left-padded through
         ``model`` with a KV cache, the cache repeated per word, then only the words' own tokens run (B x W
         rows of at most m - 1 tokens instead of B x W rows of prompt + word). Equal to the teacher-forced
-        path up to float rounding."""
-        from zoo import backbone
-
+        path up to float rounding, gradients included (the cache is part of the graph)."""
         device = lm_head[0].device
         num, num_words = len(prompts), len(self.word_ids)
         width = max(len(p) for p in prompts)

@@ -169,7 +169,8 @@ class IAPT(SoftPromptAdapter):
         embeds = kwargs.get("inputs_embeds")
         active = pending is not None and embeds is not None and pending["embeds"]() is embeds
         self._context = pending if active else None
-        if active and torch.is_grad_enabled() and _checkpointing(backbone.base_model(self.model)):
+        checkpointed = backbone.activation_checkpointing_on(backbone.base_model(self.model))
+        if active and torch.is_grad_enabled() and checkpointed:
             raise ConfigError("IAPT does not support gradient_checkpointing (its generators read the instruction "
                               "mask of the forward); set gradient_checkpointing: false")
 
@@ -190,14 +191,6 @@ class IAPT(SoftPromptAdapter):
             return args, {**kwargs, "hidden_states": hidden}
 
         return hook
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on (the name transformers 5 uses, then the old one)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
 
 
 def iapt_trainable_count(layers: int, d: int, r: int, m: int, degrees: tuple[int, int] = (5, 4)) -> int:

@@ -68,6 +68,40 @@ def test_cached_prompt_path_equals_the_teacher_forced_one(module, length_norm):
     assert calls == [(3, max(len(p) for p in prompts)), (3 * 4, longest - 1)]  # prompts once, then words
 
 
+def test_cached_prompt_path_has_the_teacher_forced_gradients():
+    """Training uses the cached path too: the loss's gradients on every trainable tensor (LoRA here) equal
+    those of teacher forcing (B x W full rows), so multi-token labels no longer cost B x W forwards."""
+    from zoo.modules.adapters import LoRA
+
+    torch.manual_seed(0)
+    lora = LoRA(r=2, lora_alpha=4, lora_dropout=0.0, target_modules="all-linear")
+    words = {"pos": ["great", "splendid news"], "neg": ["terrible and awful"]}
+    module = ClassificationModule(model="tiny-llama", labels=["pos", "neg"], export=False, adapter=lora,
+                                  label_words=words)
+    module = module.double()
+    with torch.no_grad():  # LoRA's B starts at zero: move it so every LoRA tensor gets a gradient
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    tok, verbalizer = module.tokenizer, module.verbalizer
+    prompts = [tok("Is it good? ")["input_ids"], tok("A much longer prompt goes here: ")["input_ids"]]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+
+    def grads(model):
+        scores = verbalizer.score(module.forward_hidden, module.lm_head_weight(), prompts, tok.pad_token_id,
+                                  model=model)
+        loss = torch.nn.functional.cross_entropy(scores, torch.tensor([0, 1]))
+        return torch.autograd.grad(loss, trainable), scores.detach()
+
+    forced, forced_scores = grads(None)
+    cached, cached_scores = grads(module.prefix_cache_model())
+    assert module.prefix_cache_model() is not None and len(trainable) > 0
+    assert torch.allclose(cached_scores, forced_scores, atol=1e-9)
+    # RMSNorm computes in float32 even for double inputs: agreement is to float32 rounding of each tensor
+    for a, b in zip(cached, forced):
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+
+
 def test_soft_prompts_and_gradients_take_the_teacher_forced_path():
     from zoo.modules.adapters import PromptTuning
 
