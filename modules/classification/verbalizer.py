@@ -27,6 +27,10 @@ API (shapes: B prompts, W words, C labels):
     ``hidden_fn(batch) -> (B, T, H)`` takes ``{"input_ids", "attention_mask"}`` right-padded (a module's
     ``forward_hidden``); ``lm_head = (weight, bias)``. ``prompt_hidden`` (B, H), the hidden state at each
     prompt's last token, skips the extra forward when every word is one token.
+Cost: multi-token words take one teacher-forced row per (prompt, word) through ``hidden_fn``, unless the
+caller passes ``model`` (the backbone ``hidden_fn`` runs, for adapters that change weights only): then each
+prompt runs once and its KV cache serves every word (:meth:`Verbalizer.cached_word_logprobs`, training
+included; equal to the per-row path, tested).
 Left out: PET's MLM auxiliary loss and the bidirectional mask-slot scoring (no encoders here).
 """
 
