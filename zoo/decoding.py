@@ -79,6 +79,11 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def cache_of(out: Any) -> Any:
+    """The KV cache a decoder forward returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     """The ids before the first EOS (EOS and everything after it dropped)."""
     for position, token in enumerate(ids):
@@ -186,7 +191,7 @@ def decode_ids(
             out = _run(model, embeds, full_mask, next_position, cache, True)
             next_position = next_position + 1
         if use_cache:
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            cache = cache_of(out)
         logits = lm_head(model, out.last_hidden_state[:, -1])
         if output_scores:
             scores.append(logits)

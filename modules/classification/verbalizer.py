@@ -197,50 +197,45 @@ class Verbalizer(nn.Module):
         ``model`` with a KV cache, the cache repeated per word, then only the words' own tokens run (B x W
         rows of at most m - 1 tokens instead of B x W rows of prompt + word). Equal to the teacher-forced
         path up to float rounding, gradients included (the cache is part of the graph)."""
+        from zoo import decoding
+
         device = lm_head[0].device
         num, num_words = len(prompts), len(self.word_ids)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((num, width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((num, width), dtype=torch.long, device=device)
-        for i, row in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long, device=device)
-            mask[i, width - len(row):] = 1
+        ids, mask = (t.to(device) for t in decoding.left_pad(prompts, pad_id))  # all end in the last column
         decoder = backbone.decoder(model)  # the decoding loop's own entry point: no LM head over the prompt
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=decoding.position_ids_from_mask(mask),
                       cache=None, use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        last = out.last_hidden_state[:, -1]  # (B, H) at each prompt's last token
         firsts = torch.tensor([w[0] for w in self.word_ids], device=device)
-        first_lp = self.token_logprobs(last.repeat_interleave(num_words, 0), firsts.repeat(num), lm_head)
+        summed = self.token_logprobs(out.last_hidden_state[:, -1].repeat_interleave(num_words, 0),
+                                     firsts.repeat(num), lm_head).view(num, num_words)
         longest = max(len(w) for w in self.word_ids)
-        if longest == 1:
-            return first_lp.view(num, num_words)
-        rest = torch.full((num * num_words, longest - 1), pad_id, dtype=torch.long, device=device)
-        for w, word in enumerate(self.word_ids):
-            if len(word) > 1:
-                rest[w::num_words, : len(word) - 1] = torch.tensor(word[:-1], device=device)
-        cache.batch_repeat_interleave(num_words)
-        lengths = mask.sum(-1).repeat_interleave(num_words)
-        full_mask = torch.cat([mask.repeat_interleave(num_words, 0), torch.ones_like(rest)], -1)
-        steps = torch.arange(longest - 1, device=device)
-        hidden = decoder(input_ids=rest, cache=cache, use_cache=True, attention_mask=full_mask,
-                         position_ids=lengths[:, None] + steps[None, :],
-                         ).last_hidden_state  # (B*W, longest - 1, H): position j predicts word token j + 1
-        rows, cols, targets = [], [], []
-        for r in range(num * num_words):
-            word = self.word_ids[r % num_words]
-            for j in range(1, len(word)):
-                rows.append(r)
-                cols.append(j - 1)
-                targets.append(word[j])
-        row_t = torch.tensor(rows, device=device)
-        later = self.token_logprobs(hidden[row_t, torch.tensor(cols, device=device)],
-                                    torch.tensor(targets, device=device), lm_head)
-        summed = first_lp.index_add(0, row_t, later.to(first_lp.dtype))
+        if longest > 1:
+            # the words' later tokens, (W, longest - 1): inputs w[:-1], targets w[1:], valid where w has them
+            inputs = torch.full((num_words, longest - 1), pad_id, dtype=torch.long, device=device)
+            targets = torch.zeros_like(inputs)
+            valid = torch.zeros_like(inputs, dtype=torch.bool)
+            for w, word in enumerate(self.word_ids):
+                inputs[w, : len(word) - 1] = torch.tensor(word[:-1], dtype=torch.long, device=device)
+                targets[w, : len(word) - 1] = torch.tensor(word[1:], dtype=torch.long, device=device)
+                valid[w, : len(word) - 1] = True
+            cache = decoding.cache_of(out)
+            cache.batch_repeat_interleave(num_words)
+            lengths = mask.sum(-1).repeat_interleave(num_words)
+            steps = torch.arange(longest - 1, device=device)
+            rows = inputs.repeat(num, 1)  # (B*W, longest - 1), row b*W + w = word w after prompt b
+            hidden = decoder(input_ids=rows, cache=cache, use_cache=True,
+                             attention_mask=torch.cat([mask.repeat_interleave(num_words, 0),
+                                                       torch.ones_like(rows)], -1),
+                             position_ids=lengths[:, None] + steps[None, :]).last_hidden_state
+            hidden = hidden.view(num, num_words, longest - 1, -1)[:, valid]  # (B, K, H), K valid positions
+            later = self.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), targets[valid].repeat(num),
+                                        lm_head).view(num, -1)
+            word_of = valid.nonzero()[:, 0]  # (K,) the word each valid position belongs to
+            summed = summed.index_add(1, word_of, later.to(summed.dtype))
         if self.length_norm:
             sizes = torch.tensor([len(w) for w in self.word_ids], dtype=summed.dtype, device=device)
-            summed = summed / sizes.repeat(num)
-        return summed.view(num, num_words)
+            summed = summed / sizes
+        return summed
 
     def label_scores(self, word_lp: Tensor) -> Tensor:
         """(B, W) word log-probabilities -> (B, C) label scores (weighted per label, ``aggregate``)."""
