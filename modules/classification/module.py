@@ -40,7 +40,7 @@ from zoo.errors import ConfigError
 from zoo.kernels.selected_ce import IGNORE_INDEX
 from zoo.labels import target_mask
 from zoo.modules.base import CausalLMModule, StepOutputs
-from zoo.modules.classification.verbalizer import Verbalizer, Words
+from zoo.modules.classification.verbalizer import Verbalizer, Words, right_pad
 
 
 def first_supervised(labels: Tensor) -> Tensor:
@@ -143,12 +143,18 @@ class ClassificationModule(CausalLMModule):
         """(B, C) uncalibrated label scores of the batch's prompts (with gradient). With ``outputs`` of the
         same batch and single-token words, the hidden state at each prompt's last token is reused."""
         prompts = self.prompt_ids(batch)
-        prompt_hidden = None
-        if outputs is not None and self.verbalizer.single_token:
-            ends = torch.tensor([len(p) - 1 for p in prompts], device=outputs.hidden.device)
-            prompt_hidden = outputs.hidden[torch.arange(len(prompts), device=ends.device), ends]
+        reuse = outputs is not None and self.verbalizer.single_token
+        prompt_hidden = self.prompt_end_hidden(prompts, outputs.hidden) if reuse else None
         return self.verbalizer.score(self.forward_hidden, self.lm_head_weight(), prompts,
                                      self.tokenizer.pad_token_id, prompt_hidden, self.prefix_cache_model())
+
+    def prompt_end_hidden(self, prompts: list[list[int]], hidden: Tensor | None = None) -> Tensor:
+        """(B, H) the hidden state at each prompt's last token: read from ``hidden`` (B, T, H), the output of
+        a right-padded forward whose rows start with these prompts, else from one ``forward_hidden``."""
+        if hidden is None:
+            hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device))
+        ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
+        return hidden[torch.arange(len(prompts), device=hidden.device), ends]
 
     def prefix_cache_model(self) -> nn.Module | None:
         """The backbone when ``forward_hidden`` is its plain forward (the adapter changes weights only:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from zoo.errors import ConfigError
 from zoo.modules.base import StepOutputs
 from zoo.modules.classification.module import ClassificationModule
-from zoo.modules.classification.verbalizer import Words, right_pad
+from zoo.modules.classification.verbalizer import Words
 from zoo.registry import REPO_ROOT, register_method
 
 FIELD_SENTENCE = "The field of this study is related to {phrase}"
@@ -305,9 +305,7 @@ class SciPromptModule(ClassificationModule):
         reused when given)."""
         verbalizer = self.verbalizer
         if prompt_hidden is None:
-            hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device))
-            ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
-            prompt_hidden = hidden[torch.arange(len(prompts), device=hidden.device), ends]
+            prompt_hidden = self.prompt_end_hidden(prompts)
         if self.soft_head is not None:
             return self.soft_head(prompt_hidden.to(self.soft_head.weight.dtype)).log_softmax(-1)
         slot_logits = torch.nn.functional.linear(prompt_hidden, *self.lm_head_weight()).float()
@@ -318,10 +316,7 @@ class SciPromptModule(ClassificationModule):
 
     def label_scores(self, batch: dict[str, Tensor], outputs: StepOutputs | None = None) -> Tensor:
         prompts = self.prompt_ids(batch)
-        prompt_hidden = None
-        if outputs is not None:
-            ends = torch.tensor([len(p) - 1 for p in prompts], device=outputs.hidden.device)
-            prompt_hidden = outputs.hidden[torch.arange(len(prompts), device=ends.device), ends]
+        prompt_hidden = self.prompt_end_hidden(prompts, outputs.hidden) if outputs is not None else None
         return self.scores_from_hidden(prompts, prompt_hidden)
 
     @torch.no_grad()
@@ -339,15 +334,12 @@ class SciPromptModule(ClassificationModule):
         self.eval()
         try:
             rendered = self.render(prompts)
-            verbalizer, pad = self.verbalizer, self.tokenizer.pad_token_id
+            verbalizer = self.verbalizer
             probs, logits = [], []
             weight, bias = self.lm_head_weight()
             for i in range(0, len(rendered), 16):
                 chunk = rendered[i: i + 16]
-                hidden = self.forward_hidden(right_pad(chunk, pad, self.device))
-                ends = torch.tensor([len(p) - 1 for p in chunk], device=hidden.device)
-                last = hidden[torch.arange(len(chunk), device=hidden.device), ends]
-                slot_logits = torch.nn.functional.linear(last, weight, bias).float()
+                slot_logits = torch.nn.functional.linear(self.prompt_end_hidden(chunk), weight, bias).float()
                 logits.append(slot_logits)
                 probs.append(slot_word_logits(slot_logits, verbalizer.word_ids).softmax(-1))
         finally:
