@@ -169,12 +169,24 @@ def task_as_code_problem(record: dict[str, Any]) -> dict[str, Any]:
             "code_prompt": code_prompt, "test": test, "entry_point": "solve", "task_id": f"zoo/{answer}"}
 
 
-def task_code_problems(task: str, num_train: int, num_val: int, num_test: int, seed: int
-                       ) -> dict[str, list[dict[str, Any]]]:
-    """Every split of built-in task ``task`` (disjoint by construction) as :func:`task_as_code_problem`s."""
+SYNTHETIC = "synthetic_code"  # LeTI's name for the ``humaneval`` source: synthetic train / val, HumanEval test
+
+
+def code_problems(dataset: str, num_train: int, num_val: int, num_test: int, seed: int, owner: str
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """The splits of a code source: ``humaneval`` / ``synthetic_code`` (synthetic training and validation
+    functions with disjoint names, the first ``num_test`` HumanEval problems as test) or a built-in task,
+    every split from the task (disjoint by construction) as :func:`task_as_code_problem`s."""
+    if dataset in ("humaneval", SYNTHETIC):
+        train = synthetic_code_tasks(num_train, seed=seed)
+        val = synthetic_code_tasks(num_val, seed=seed + 1, exclude={r["entry_point"] for r in train})
+        return {"train": train, "val": val, "test": humaneval_problems(num_test)}
+    if not tasks.is_builtin_task(dataset):
+        raise DataError(f"{owner}: unknown dataset {dataset!r}; use humaneval or a built-in task (chain_sum, "
+                        "...: write solve() returning the answer)")
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     return {split: [task_as_code_problem(r) for r in records]
-            for split, records in tasks.task_splits(task, sizes, seed=seed).items()}
+            for split, records in tasks.task_splits(dataset, sizes, seed=seed).items()}
 
 
 class CodeDataModule(SFTDataModule):
@@ -233,14 +245,7 @@ class CodeDataModule(SFTDataModule):
 
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
         hp = self.hparams
-        if hp.dataset != "humaneval":
-            if not tasks.is_builtin_task(hp.dataset):
-                raise DataError(f"CodeDataModule: unknown dataset {hp.dataset!r}; use humaneval or a built-in "
-                                "task (chain_sum, ...: write solve() returning the answer)")
-            return task_code_problems(hp.dataset, hp.num_train, hp.num_val, hp.num_test, hp.seed)
-        train = synthetic_code_tasks(hp.num_train, seed=hp.seed)
-        val = synthetic_code_tasks(hp.num_val, seed=hp.seed + 1, exclude={r["entry_point"] for r in train})
-        return {"train": train, "val": val, "test": humaneval_problems(hp.num_test)}
+        return code_problems(hp.dataset, hp.num_train, hp.num_val, hp.num_test, hp.seed, type(self).__name__)
 
     def score_completion(self, record: dict[str, Any], completion: str) -> dict[str, float]:
         return {"pass@1": float(self.run_programs([build_program(record, completion)])[0].passed)}

@@ -33,16 +33,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from zoo import backbone, tasks
+from zoo import backbone
 from zoo.chat import render_prompt_ids
 from zoo.datamodules.code import (
+    SYNTHETIC,
     CodeDataModule,
     build_program,
-    humaneval_problems,
     pass_at_k,
-    synthetic_code_tasks,
     task_as_code_problem,  # noqa: F401  (re-exported: LeTI's problems from built-in tasks)
-    task_code_problems,
 )
 from zoo.datamodules.sft import (
     SEGMENT_ANSWER,
@@ -61,7 +59,6 @@ from zoo.tokens import add_special_tokens, extend_vocabulary
 GOOD, BAD, FEEDBACK_OPEN, FEEDBACK_CLOSE = "<|good|>", "<|bad|>", "<|lang_feedback|>", "<|/lang_feedback|>"
 LETI_TOKENS = [GOOD, BAD, FEEDBACK_OPEN, FEEDBACK_CLOSE]
 STOP_WORDS = ("\nclass", "\nassert", "\nif", "\nprint", '\n"""', "\n```")  # the paper's, plus a closing fence
-SYNTHETIC = "synthetic_code"
 
 
 # ---------------------------------------------------------------------------- executors
@@ -228,24 +225,11 @@ class LeTIDataModule(CodeDataModule):
             memory_mb: harness evaluation: memory limit per program.
             sandbox_workers: harness evaluation: programs run at the same time.
         """
-        super().__init__(tokenizer=tokenizer, num_train=num_train, num_val=num_val, num_test=num_test,
-                         max_length=max_length, system_prompt=system_prompt, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, timeout=timeout,
-                         memory_mb=memory_mb, sandbox_workers=sandbox_workers)
-        self.hparams["dataset"] = dataset
+        super().__init__(dataset=dataset, tokenizer=tokenizer, num_train=num_train, num_val=num_val,
+                         num_test=num_test, max_length=max_length, system_prompt=system_prompt,
+                         batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         seed=seed, timeout=timeout, memory_mb=memory_mb, sandbox_workers=sandbox_workers)
         self.token_ids = add_special_tokens(self.tokenizer, LETI_TOKENS)
-
-    def load_records(self) -> dict[str, list[dict[str, Any]]]:
-        hp = self.hparams
-        if hp.dataset == SYNTHETIC:  # as CodeDataModule: synthetic train / val functions, HumanEval test
-            train = synthetic_code_tasks(hp.num_train, seed=hp.seed)
-            names = {r["entry_point"] for r in train}
-            val = synthetic_code_tasks(hp.num_val, seed=hp.seed + 1, exclude=names)
-            return {"train": train, "val": val, "test": humaneval_problems(hp.num_test)}
-        if not tasks.is_builtin_task(hp.dataset):
-            raise DataError(f"LeTIDataModule: unknown dataset {hp.dataset!r}; use {SYNTHETIC} or a built-in "
-                            "task (chain_sum, ...)")
-        return task_code_problems(hp.dataset, hp.num_train, hp.num_val, hp.num_test, hp.seed)
 
     def encode_split(self, records: list[dict[str, Any]], split: str) -> EncodedDataset:
         if split == "train":
