@@ -102,7 +102,7 @@ def test_cached_prompt_path_has_the_teacher_forced_gradients():
         assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
 
 
-def test_soft_prompts_and_gradients_take_the_teacher_forced_path():
+def test_soft_prompts_take_the_teacher_forced_path():
     from zoo.modules.adapters import PromptTuning
 
     soft = ClassificationModule(model="tiny-llama", labels=["yes", "no"], export=False,
