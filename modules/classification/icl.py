@@ -67,7 +67,7 @@ class ICLClassifier(ClassificationModule):
     def label_scores(self, batch: dict[str, Tensor], outputs: StepOutputs | None = None) -> Tensor:
         prompts = self.render([self.context() + p for p in batch["prompt_text"]])
         return self.verbalizer.score(self.forward_hidden, self.lm_head_weight(), prompts,
-                                     self.tokenizer.pad_token_id, model=self.prefix_cache_model())
+                                     self.tokenizer.pad_token_id, hooks=self.prefix_cache_hooks())
 
     def score_prompts(self, prompts: list[str], calibrated: bool = True, batch_size: int = 16) -> Tensor:
         return super().score_prompts([self.context() + p for p in prompts], calibrated, batch_size)

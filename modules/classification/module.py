@@ -40,7 +40,7 @@ from zoo.errors import ConfigError
 from zoo.kernels.selected_ce import IGNORE_INDEX
 from zoo.labels import target_mask
 from zoo.modules.base import CausalLMModule, StepOutputs
-from zoo.modules.classification.verbalizer import Verbalizer, Words, right_pad
+from zoo.modules.classification.verbalizer import CacheHooks, Verbalizer, Words, right_pad
 
 
 def first_supervised(labels: Tensor) -> Tensor:
@@ -146,7 +146,7 @@ class ClassificationModule(CausalLMModule):
         reuse = outputs is not None and self.verbalizer.single_token
         prompt_hidden = self.prompt_end_hidden(prompts, outputs.hidden) if reuse else None
         return self.verbalizer.score(self.forward_hidden, self.lm_head_weight(), prompts,
-                                     self.tokenizer.pad_token_id, prompt_hidden, self.prefix_cache_model())
+                                     self.tokenizer.pad_token_id, prompt_hidden, self.prefix_cache_hooks())
 
     def prompt_end_hidden(self, prompts: list[list[int]], hidden: Tensor | None = None) -> Tensor:
         """(B, H) the hidden state at each prompt's last token: read from ``hidden`` (B, T, H), the output of
@@ -156,15 +156,12 @@ class ClassificationModule(CausalLMModule):
         ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
         return hidden[torch.arange(len(prompts), device=hidden.device), ends]
 
-    def prefix_cache_model(self) -> nn.Module | None:
-        """The backbone when ``forward_hidden`` is its plain forward (the adapter changes weights only:
-        LoRA, IA3, bottleneck hooks), so multi-token label words can reuse each prompt's KV cache; None
-        when the adapter builds its own inputs (soft prompts) or a subclass has its own forward."""
-        from zoo.modules.adapters.base import Adapter
-
-        plain_adapter = type(self.adapter).hidden_states is Adapter.hidden_states
-        plain_module = type(self).forward_hidden is ClassificationModule.forward_hidden
-        return self.model if plain_adapter and plain_module else None
+    def prefix_cache_hooks(self) -> CacheHooks | None:
+        """The adapter, as decoding hooks, when ``forward_hidden`` is its own forward: multi-token label words
+        then reuse each prompt's KV cache, the adapter's virtual tokens or prefix included (its ``prefill``
+        builds the same inputs as its forward, tested for every adapter family); None when a subclass has its
+        own forward."""
+        return self.adapter if type(self).forward_hidden is ClassificationModule.forward_hidden else None
 
     def classification_loss(self, scores: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """CE over label scores (single-label; rows with class_index -1 ignored) or BCE over log-odds."""
@@ -285,7 +282,7 @@ class ClassificationModule(CausalLMModule):
         pad, lm_head = self.tokenizer.pad_token_id, self.lm_head_weight()
         scores = self.score_rendered(
             prompts, lambda rows: self.verbalizer.score(self.forward_hidden, lm_head, rows, pad,
-                                                        model=self.prefix_cache_model()), batch_size)
+                                                        hooks=self.prefix_cache_hooks()), batch_size)
         return self.verbalizer.calibrate(scores) if calibrated and not self.multi_label else scores
 
     def calibrate(self, prompts: list[str]) -> None:

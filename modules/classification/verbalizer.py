@@ -28,27 +28,35 @@ API (shapes: B prompts, W words, C labels):
     ``forward_hidden``); ``lm_head = (weight, bias)``. ``prompt_hidden`` (B, H), the hidden state at each
     prompt's last token, skips the extra forward when every word is one token.
 Cost: multi-token words take one teacher-forced row per (prompt, word) through ``hidden_fn``, unless the
-caller passes ``model`` (the backbone ``hidden_fn`` runs, for adapters that change weights only): then each
-prompt runs once and its KV cache serves every word (:meth:`Verbalizer.cached_word_logprobs`, training
-included; equal to the per-row path, tested).
+caller passes ``hooks`` (the adapter whose forward ``hidden_fn`` runs: its decoding hooks, ``zoo.decoding``,
+and its ``.model``): then each prompt runs once, soft prompts and prefixes included, and its KV cache serves
+every word (:meth:`Verbalizer.cached_word_logprobs`, training included; equal to the per-row path, tested).
 Left out: PET's MLM auxiliary loss and the bidirectional mask-slot scoring (no encoders here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import backbone
+from zoo.decoding import DecodingHooks
 from zoo.errors import ConfigError
 
 Words = dict[str, list[str] | dict[str, float]]
 Head = tuple[Tensor, Tensor | None]
 HiddenFn = Callable[[dict[str, Tensor]], Tensor]
+
+
+class CacheHooks(DecodingHooks, Protocol):
+    """What the cached scoring path needs: an adapter's decoding hooks and the backbone they run
+    (``zoo.modules.adapters.Adapter``, or ``zoo.decoding.PlainHooks(model)``)."""
+
+    model: nn.Module
 
 
 def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
@@ -152,17 +160,17 @@ class Verbalizer(nn.Module):
 
     def word_logprobs(self, hidden_fn: HiddenFn, lm_head: Head,
                       prompts: list[list[int]], pad_id: int, prompt_hidden: Tensor | None = None,
-                      model: nn.Module | None = None) -> Tensor:
+                      hooks: CacheHooks | None = None) -> Tensor:
         """Teacher-forced ``log p(word | prompt)`` (B, W) for every prompt and word (module docstring).
-        ``model``: the backbone ``hidden_fn`` runs (weights-only adapters), for multi-token words: each prompt
-        runs once and its cache serves every word (:meth:`cached_word_logprobs`; with gradient too, unless
-        activation checkpointing drops the cache)."""
+        ``hooks``: the adapter ``hidden_fn`` runs, for multi-token words: each prompt runs once and its cache
+        serves every word (:meth:`cached_word_logprobs`; with gradient too, unless activation checkpointing
+        drops the cache)."""
         if not self.word_ids:
             raise ConfigError("the Verbalizer is not bound to a tokenizer: call bind(tokenizer) first")
-        cacheable = (model is not None and not self.single_token and prompt_hidden is None
+        cacheable = (hooks is not None and not self.single_token and prompt_hidden is None
                      and self.reduced_head is None)
-        if cacheable and not (torch.is_grad_enabled() and backbone.activation_checkpointing_on(model)):
-            return self.cached_word_logprobs(model, lm_head, prompts, pad_id)
+        if cacheable and not (torch.is_grad_enabled() and backbone.activation_checkpointing_on(hooks.model)):
+            return self.cached_word_logprobs(hooks, lm_head, prompts, pad_id)
         device = lm_head[0].device
         num_words = len(self.word_ids)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -191,20 +199,22 @@ class Verbalizer(nn.Module):
             summed = summed / sizes.repeat(len(prompts))
         return summed.view(len(prompts), num_words)
 
-    def cached_word_logprobs(self, model: nn.Module, lm_head: Head, prompts: list[list[int]],
+    def cached_word_logprobs(self, hooks: CacheHooks, lm_head: Head, prompts: list[list[int]],
                              pad_id: int) -> Tensor:
         """:meth:`word_logprobs` for multi-token words with the prompt run once: prompts left-padded through
-        ``model`` with a KV cache, the cache repeated per word, then only the words' own tokens run (B x W
-        rows of at most m - 1 tokens instead of B x W rows of prompt + word). Equal to the teacher-forced
-        path up to float rounding, gradients included (the cache is part of the graph)."""
+        ``hooks.prefill`` (the adapter's virtual tokens or prefix included) with a KV cache, the cache
+        repeated per word, then only the words' own tokens run through ``hooks.step_embeddings`` (B x W rows
+        of at most m - 1 tokens instead of B x W rows of prompt + word). Equal to the teacher-forced path up
+        to float rounding, gradients included (the cache is part of the graph)."""
         from zoo import decoding
 
         device = lm_head[0].device
         num, num_words = len(prompts), len(self.word_ids)
         ids, mask = (t.to(device) for t in decoding.left_pad(prompts, pad_id))  # all end in the last column
-        decoder = backbone.decoder(model)  # the decoding loop's own entry point: no LM head over the prompt
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=decoding.position_ids_from_mask(mask),
-                      cache=None, use_cache=True)
+        decoder = backbone.decoder(hooks.model)  # the decoding loop's entry point: no LM head over the prompt
+        prefill = hooks.prefill(ids, mask)
+        out = decoder(inputs_embeds=prefill.inputs_embeds, attention_mask=prefill.attention_mask,
+                      position_ids=prefill.position_ids, cache=prefill.cache, use_cache=True)
         firsts = torch.tensor([w[0] for w in self.word_ids], device=device)
         summed = self.token_logprobs(out.last_hidden_state[:, -1].repeat_interleave(num_words, 0),
                                      firsts.repeat(num), lm_head).view(num, num_words)
@@ -220,13 +230,15 @@ class Verbalizer(nn.Module):
                 valid[w, : len(word) - 1] = True
             cache = decoding.cache_of(out)
             cache.batch_repeat_interleave(num_words)
-            lengths = mask.sum(-1).repeat_interleave(num_words)
             steps = torch.arange(longest - 1, device=device)
             rows = inputs.repeat(num, 1)  # (B*W, longest - 1), row b*W + w = word w after prompt b
-            hidden = decoder(input_ids=rows, cache=cache, use_cache=True,
-                             attention_mask=torch.cat([mask.repeat_interleave(num_words, 0),
+            real_index = mask.sum(-1).repeat_interleave(num_words)[:, None] + steps  # among real tokens
+            position = (prefill.position_ids[:, -1:] + 1).repeat_interleave(num_words, 0) + steps
+            hidden = decoder(inputs_embeds=hooks.step_embeddings(rows, real_index), cache=cache,
+                             use_cache=True,
+                             attention_mask=torch.cat([prefill.attention_mask.repeat_interleave(num_words, 0),
                                                        torch.ones_like(rows)], -1),
-                             position_ids=lengths[:, None] + steps[None, :]).last_hidden_state
+                             position_ids=position).last_hidden_state
             hidden = hidden.view(num, num_words, longest - 1, -1)[:, valid]  # (B, K, H), K valid positions
             later = self.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), targets[valid].repeat(num),
                                         lm_head).view(num, -1)
@@ -251,9 +263,9 @@ class Verbalizer(nn.Module):
         return torch.stack(columns, dim=-1)
 
     def score(self, hidden_fn: HiddenFn, lm_head: Head, prompts: list[list[int]], pad_id: int,
-              prompt_hidden: Tensor | None = None, model: nn.Module | None = None) -> Tensor:
+              prompt_hidden: Tensor | None = None, hooks: CacheHooks | None = None) -> Tensor:
         """Uncalibrated label scores (B, C)."""
-        word_lp = self.word_logprobs(hidden_fn, lm_head, prompts, pad_id, prompt_hidden, model)
+        word_lp = self.word_logprobs(hidden_fn, lm_head, prompts, pad_id, prompt_hidden, hooks)
         return self.label_scores(word_lp)
 
     # ------------------------------------------------------------------ calibration
