@@ -110,3 +110,30 @@ def test_unknown_reference_names_the_rows(bench_out):
     with pytest.raises(BenchError, match=r"--reference nope: no such row .*base, lora, sft"):
         write_report(bench_out / "results.jsonl", bench_out, "nope")
     assert (bench_out / "results.md").read_text() == before
+
+
+def test_merge_joins_part_folders_into_one_report(bench_out, tmp_path):
+    """Two streams' ``--out`` folders (here: the bench's records split by method) merge into the same
+    records, items and paired columns as one folder; ``METHOD:SEED`` leaves a record out."""
+    import shutil
+
+    from zoo.harness.bench.merge import main as merge_main
+
+    records = read(bench_out / "results.jsonl")
+    for stream, methods in (("A", {"base", "sft"}), ("B", {"lora"})):
+        part = tmp_path / "parts" / stream
+        part.mkdir(parents=True)
+        mine = [r for r in records if r["method"] in methods]
+        (part / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+        for record in mine:
+            (part / record["items"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(bench_out / record["items"], part / record["items"])
+    assert merge_main([str(tmp_path), "sft", "lora:1"]) == 0
+    merged = read(tmp_path / "results.jsonl")
+    expected = [r for r in records if (r["method"], r.get("seed")) != ("lora", 1)]
+    assert sorted(json.dumps(r, sort_keys=True) for r in merged) == sorted(
+        json.dumps(r, sort_keys=True) for r in expected)
+    for record in merged:
+        assert read_items(tmp_path / record["items"]) == read_items(bench_out / record["items"])
+    assert "Δ exact_match vs sft [95% CI]" in (tmp_path / "results.md").read_text()
+    assert merge_main([str(tmp_path / "nowhere"), "sft"]) == 1
