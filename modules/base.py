@@ -162,6 +162,32 @@ class StepOutputs:
         return self._cache["logits"]
 
 
+class DeferredStepOutputs(StepOutputs):
+    """:class:`StepOutputs` whose forward runs when ``hidden`` is first read, under the grad mode of the step
+    that made it: for losses that may never need the whole sequence's hidden states (label scores over
+    cached prompts, :class:`~zoo.modules.classification.ClassificationModule`)."""
+
+    def __init__(self, module: CausalLMModule, batch: dict[str, Tensor]) -> None:
+        self._batch, self._grad_enabled, self._hidden = batch, torch.is_grad_enabled(), None
+        super().__init__(module=module, hidden=None, labels=batch["labels"])
+
+    @property
+    def hidden(self) -> Tensor:
+        if self._hidden is None:
+            with torch.set_grad_enabled(self._grad_enabled):
+                self._hidden = self.module.forward_hidden(self._batch)
+        return self._hidden
+
+    @hidden.setter
+    def hidden(self, value: Tensor | None) -> None:
+        self._hidden = value
+
+    @property
+    def computed(self) -> bool:
+        """Whether the forward has run."""
+        return self._hidden is not None
+
+
 class CausalLMModule(L.LightningModule):
     """Supervised fine-tuning (SFT) of a causal LM, with token-selector and objective hooks."""
 

@@ -39,7 +39,7 @@ from zoo.chat import render_prompt_ids
 from zoo.errors import ConfigError
 from zoo.kernels.selected_ce import IGNORE_INDEX
 from zoo.labels import target_mask
-from zoo.modules.base import CausalLMModule, StepOutputs
+from zoo.modules.base import CausalLMModule, DeferredStepOutputs, StepOutputs
 from zoo.modules.classification.verbalizer import CacheHooks, Verbalizer, Words, right_pad
 
 
@@ -132,6 +132,11 @@ class ClassificationModule(CausalLMModule):
             args["labels"] = list(self.verbalizer.labels)
             args["multi_label"] = self.multi_label
         return args
+
+    def forward(self, batch: dict[str, Tensor]) -> StepOutputs:
+        """The step's outputs with the sequence forward deferred until ``hidden`` is read: a loss over label
+        scores of multi-token words (prompt cache) or of a module's own inputs (CPT) never runs it."""
+        return DeferredStepOutputs(self, batch)
 
     # ------------------------------------------------------------------ scores
     def prompt_ids(self, batch: dict[str, Tensor]) -> list[list[int]]:

@@ -236,3 +236,44 @@ def test_black_box_never_builds_a_graph_and_restores_the_mode():
     assert seen and not any(seen)  # grad disabled and eval mode inside every forward
     assert model.training and all(p.grad is None for p in model.parameters())
     assert box.queries == 3
+
+
+def test_training_with_multi_token_words_skips_the_unused_sequence_forward():
+    """The training step's sequence forward is deferred: with multi-token words the loss comes from the
+    prompt cache, so the decoder runs twice (prompts, then words), and the loss equals the eager one."""
+    from zoo.datamodules.classification import ClassificationDataModule
+
+    torch.manual_seed(0)
+    words = {"pos": ["great", "splendid news"], "neg": ["terrible and awful"]}
+    module = ClassificationModule(model="tiny-llama", labels=["pos", "neg"], export=False, label_words=words)
+    data = ClassificationDataModule(dataset="sentiment_hard", tokenizer="tiny-llama", shots_per_class=2,
+                                    num_train=40, num_val=4, num_test=4, batch_size=4, max_length=256)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    batch = {**batch, "class_index": batch["class_index"] % 2}
+    calls = []
+    handle = backbone.decoder(module.model).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        outputs = module(batch)
+        deferred = module.compute_loss(batch, outputs, torch.ones(1))
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and not outputs.computed
+    eager = module.classification_loss(module.label_scores(batch, None), batch)
+    assert torch.allclose(deferred, eager)
+    assert outputs.hidden.shape[:2] == batch["input_ids"].shape and outputs.computed  # read: it runs
+
+
+def test_deferred_hidden_keeps_the_grad_mode_of_its_step():
+    """Selectors read ``per_token_loss`` under no_grad first; the hidden states a loss then reuses must
+    still carry the step's graph."""
+    from zoo.modules.base import DeferredStepOutputs
+
+    module = ClassificationModule(model="tiny-llama", labels=["a", "b"], export=False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([[-100, -100, 7, 8]])}
+    outputs = DeferredStepOutputs(module, batch)
+    with torch.no_grad():
+        outputs.per_token_loss()
+    assert outputs.hidden.requires_grad
