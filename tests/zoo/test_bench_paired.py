@@ -137,3 +137,14 @@ def test_merge_joins_part_folders_into_one_report(bench_out, tmp_path):
         assert read_items(tmp_path / record["items"]) == read_items(bench_out / record["items"])
     assert "Δ exact_match vs sft [95% CI]" in (tmp_path / "results.md").read_text()
     assert merge_main([str(tmp_path / "nowhere"), "sft"]) == 1
+
+
+def test_a_reference_no_row_can_have_fails_before_training(tmp_path, capsys):
+    """``--reference`` naming no config, no base row and no earlier record is a one-line error before any
+    run trains (it used to surface after the whole sweep, as the report was written)."""
+    argv = ["bench", CONFIGS[0], "--seeds", "0", "--max_steps", "2", "--no-base", "--reference", "base",
+            "--model", "tiny-llama", "--out", str(tmp_path)]
+    assert zoo_main(argv + TINY_DATA) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--reference base: no row of this bench will have that name (rows: sft)" in err[-1]
+    assert not (tmp_path / "results.jsonl").exists()

@@ -256,6 +256,19 @@ def evaluate_base_on_eval_tasks(cli, args: argparse.Namespace, out: Path, config
 
 
 
+def check_reference(reference: str | None, configs: list[Path], base: bool, results: Path) -> None:
+    """Fail before any training when no row of this bench can be ``--reference``: not a config's method,
+    not the base row, not a record already in ``results``."""
+    if reference is None:
+        return
+    names = {method_name(c) for c in configs} | {r["method"] for r in load_results(results)}
+    if base:
+        names.add("base")
+    if reference not in names:
+        raise BenchError(f"--reference {reference}: no row of this bench will have that name (rows: "
+                         f"{', '.join(sorted(names))}); pick one, add its config, or drop --reference")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
     environment()  # the commit of the code this process imports, read now, before any run
@@ -274,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         raise BenchError(f"--out {args.out}: cannot create the folder ({err.strerror})") from err
     results = out / "results.jsonl"
     done = {record_key(r) for r in load_results(results, repair=True)}
+    if not args.ckpt:  # checkpoint rows are named when they run
+        check_reference(args.reference, configs, args.base, results)
     jobs = [(config, seed) for config in configs for seed in args.seed_list]
     failed: list[str] = []
     previous = install_signal_handlers(graceful=False)
