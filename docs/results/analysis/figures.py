@@ -51,6 +51,29 @@ def md_table(headers, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(dest: Path, table: str, summary: dict) -> None:
+    """``summary.md`` (the tables) and ``summary.json`` (every figure behind them) of one study."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "summary.md").write_text(table, encoding="utf-8")
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def save_figure(fig, dest: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(dest / "summary.png", dpi=110)
+    plt.close(fig)
+
+
+def ci_bars(ax, entries: list[dict], models: tuple[str, ...]) -> None:
+    """Grouped bars, one group per entry: ``entry[model]["mean"]`` with its [low, high] interval."""
+    for offset, model in enumerate(models):
+        means = [e[model]["mean"] for e in entries]
+        err = [[m - e[model]["low"] for m, e in zip(means, entries)],
+               [e[model]["high"] - m for m, e in zip(means, entries)]]
+        ax.bar([i + 0.27 * (offset - 1) for i in range(len(means))], means, width=0.27, yerr=err, capsize=2,
+               label=model)
+
+
 # ------------------------------------------------------------------------------------------------- TuCo
 def tuco(runs: Path) -> None:
     dest = HERE / "tuco"
@@ -129,8 +152,7 @@ def tuco(runs: Path) -> None:
         "whose embeddings moved):\n\n"
     )
     table += md_table(["tuned", "alpha", "prompt (end)", "completion"], steer_rows)
-    (dest / "summary.md").write_text(table, encoding="utf-8")
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(dest, table, summary)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for ax, (label, data) in zip(axes[:2], summary.items()):
@@ -143,7 +165,8 @@ def tuco(runs: Path) -> None:
         )
         ax.legend(fontsize=7)
     ax = axes[2]
-    for offset, (label, data) in enumerate(summary.items()):
+    for offset, label in enumerate(("SFT", "LoRA")):  # not "lora_minus_sft": it has no groups
+        data = summary[label]
         names = list(data["groups"])
         means = [data["groups"][g]["tuco"] for g in names]
         err = [
@@ -156,9 +179,7 @@ def tuco(runs: Path) -> None:
     ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax.set(title="TuCo per probe group (mean, 95% bootstrap CI)", ylabel="TuCo")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(dest / "summary.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest)
     print(table)
 
 
@@ -267,30 +288,14 @@ def checklist(runs: Path) -> None:
             ["train", "eval", "items", "flagged", "rate"],
             [[h["train"], h["eval"], h["items"], h["flagged"], h["rate"]] for h in record["contamination"]],
         )
-    (dest / "summary.md").write_text(table, encoding="utf-8")
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(dest, table, summary)
     fig, ax = plt.subplots(figsize=(9, 3.8))
     axes_names = [a["axis"] for a in summary["axes"]]
-    for offset, model in enumerate(("base", "SFT", "LoRA")):
-        means = [a[model]["mean"] for a in summary["axes"]]
-        err = [
-            [m - a[model]["low"] for m, a in zip(means, summary["axes"])],
-            [a[model]["high"] - m for m, a in zip(means, summary["axes"])],
-        ]
-        ax.bar(
-            [i + 0.27 * (offset - 1) for i in range(len(means))],
-            means,
-            width=0.27,
-            yerr=err,
-            capsize=2,
-            label=model,
-        )
+    ci_bars(ax, summary["axes"], ("base", "SFT", "LoRA"))
     ax.set_xticks(range(len(axes_names)), axes_names)
     ax.set(ylabel="headline score (mean over items)", title="alignment checklist: SmolLM2 base, SFT, LoRA")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(dest / "summary.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest)
     print(table)
 
 
@@ -372,26 +377,11 @@ def urial(runs: Path) -> None:
                 shift_rows,
             )
         )
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "summary.md").write_text(table, encoding="utf-8")
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(dest, table, summary)
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     ax = axes[0]
     names = [f"{t['task']}\n{t['metric']}" for t in summary["tasks"]]
-    for offset, model in enumerate(("base", "SFT", "URIAL")):
-        means = [t[model]["mean"] for t in summary["tasks"]]
-        err = [
-            [m - t[model]["low"] for m, t in zip(means, summary["tasks"])],
-            [t[model]["high"] - m for m, t in zip(means, summary["tasks"])],
-        ]
-        ax.bar(
-            [i + 0.27 * (offset - 1) for i in range(len(means))],
-            means,
-            width=0.27,
-            yerr=err,
-            capsize=2,
-            label=model,
-        )
+    ci_bars(ax, summary["tasks"], ("base", "SFT", "URIAL"))
     ax.set_xticks(range(len(names)), names, fontsize=7)
     ax.set(ylabel="mean over items (95% CI)", title="chat-style checklist tasks")
     ax.legend()
@@ -406,9 +396,7 @@ def urial(runs: Path) -> None:
     ax.set_xticks([0.2, 1.2, 2.2], ["unshifted", "marginal", "shifted"])
     ax.set(ylabel="fraction of positions", title="token distribution shift vs the base")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(dest / "summary.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest)
     print(table)
 
 
@@ -558,8 +546,7 @@ def forgetting(runs: Path) -> None:
                 for r in nll_rows
             ],
         )
-    (dest / "summary.md").write_text(table, encoding="utf-8")
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(dest, table, summary)
     fig, (ax, ax_nll) = plt.subplots(1, 2, figsize=(13, 3.8))
     if nll_rows:
         tuned = [r for r in nll_rows if r["vs_base"] is not None]
@@ -595,9 +582,7 @@ def forgetting(runs: Path) -> None:
     ax.set_xticks(range(len(transforms)), transforms)
     ax.set(ylabel="drop = base − tuned (paired 95% CI)", title="forgetting on basic_arithmetic per transform")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(dest / "summary.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest)
     print(table)
 
 
@@ -640,8 +625,7 @@ def rag(runs: Path, run: str = "rag") -> None:
         + ", ".join(f"{k} {v:.1f}" for k, v in record["answer_tokens"].items())
         + "\n"
     )
-    (dest / "summary.md").write_text(table, encoding="utf-8")
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(dest, table, summary)
     metrics = list(dict.fromkeys(r["metric"] for r in record["rows"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -660,9 +644,7 @@ def rag(runs: Path, run: str = "rag") -> None:
         ax.set_xticks(range(len(tuned)), [r["model"] for r in tuned])
         ax.set(title=metric, ylabel="mean over questions (95% CI)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(dest / "summary.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest)
     print(table)
 
 
