@@ -213,6 +213,133 @@ def decode_ids(
     return (new, torch.stack(scores, 1)) if output_scores else new
 
 
+# ---------------------------------------------------------------------------- continuous batching
+def _cache_tensors(cache: Any) -> list[Any] | None:
+    """The cache's layers when each holds plain ``keys`` / ``values`` tensors (B, heads, T, d), else None
+    (another cache kind: the caller decodes in fixed batches instead)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(isinstance(getattr(layer, "keys", None), Tensor) for layer in layers):
+        return None
+    return layers
+
+
+def _left_pad_columns(tensor: Tensor, width: int, dim: int) -> Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+@dataclass
+class _Running:
+    """The rows decoding together: their prompt indices, KV cache, the attention mask over everything the
+    cache holds, the next position id, each row's real-token count and its tokens so far."""
+
+    rows: list[int]
+    cache: Any
+    mask: Tensor
+    next_position: Tensor
+    real_length: Tensor
+    last: Tensor
+
+    def join(self, other: _Running) -> bool:
+        """Append ``other``'s rows (their cache left-padded to a common length); False when a cache is not
+        made of plain key / value tensors."""
+        mine, theirs = _cache_tensors(self.cache), _cache_tensors(other.cache)
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            return False
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        def joined(a: Tensor, b: Tensor, dim: int) -> Tensor:
+            return torch.cat([_left_pad_columns(a, width, dim), _left_pad_columns(b, width, dim)])
+
+        for a, b in zip(mine, theirs):
+            a.keys, a.values = joined(a.keys, b.keys, 2), joined(a.values, b.values, 2)
+        self.mask = joined(self.mask, other.mask, 1)
+        self.rows += other.rows
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.real_length = torch.cat([self.real_length, other.real_length])
+        self.last = torch.cat([self.last, other.last])
+        return True
+
+    def keep(self, keep: Tensor) -> None:
+        """Keep rows ``keep`` and drop the leading columns no kept row attends to."""
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask[keep]
+        self.rows = [self.rows[i] for i in keep.tolist()]
+        self.next_position, self.real_length, self.last = (self.next_position[keep], self.real_length[keep],
+                                                           self.last[keep])
+        start = int(self.mask.any(0).long().argmax())  # first column some row attends to
+        if start > 0 and (layers := _cache_tensors(self.cache)) is not None:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
+
+
+@torch.no_grad()
+def decode_continuous(model: nn.Module, prompts: list[list[int]], *, batch_size: int,
+                      max_new_tokens: int, eos: set[int], pad_id: int,
+                      hooks: DecodingHooks | None = None) -> list[list[int]] | None:
+    """Greedy cached decoding of every prompt, at most ``batch_size`` rows at a time, continuously batched:
+    a row leaves the batch at EOS or ``max_new_tokens`` and waiting prompts take the free places (their
+    prefill runs on its own, their cache is joined to the running one, left-padded), so the batch stays full
+    while prompts wait instead of shrinking to its longest row. Returns each prompt's new ids (EOS included
+    when emitted); the same ids as :func:`decode_ids` on each prompt alone, up to the float rounding of a
+    padded batch. None when the adapter's cache is not plain per-layer key / value tensors."""
+    from transformers import DynamicCache
+
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    hooks = hooks if hooks is not None else PlainHooks(model)
+    device = next(model.parameters()).device
+    eos_tensor = torch.tensor(sorted(eos), device=device)
+    waiting = list(range(len(prompts)))
+    new: list[list[int]] = [[] for _ in prompts]
+    running: _Running | None = None
+    refill_at = max(1, batch_size // 4)  # free places that make a refill worth its prefill and cache copy
+    while waiting or running is not None:
+        free = batch_size - (len(running.rows) if running is not None else 0)
+        if waiting and (running is None or free >= min(refill_at, len(waiting))):
+            take, waiting = waiting[:free], waiting[free:]
+            ids, mask = (t.to(device) for t in left_pad([prompts[i] for i in take], pad_id))
+            prefill = hooks.prefill(ids, mask)
+            cache = prefill.cache if prefill.cache is not None else DynamicCache(
+                config=backbone.base_model(model).config)
+            out = _run(model, prefill.inputs_embeds, prefill.attention_mask, prefill.position_ids, cache,
+                       True)
+            token = lm_head(model, out.last_hidden_state[:, -1]).argmax(-1)
+            for row, chosen in zip(take, token.tolist()):  # only the new rows moved
+                new[row].append(chosen)
+            joined = _Running(take, cache_of(out), prefill.attention_mask, prefill.position_ids[:, -1:] + 1,
+                              mask.sum(-1, keepdim=True), token)
+            if running is None:
+                running = joined
+            elif not running.join(joined):
+                return None
+        else:
+            # real_length: the index among real tokens of the token just chosen, as step_embeddings takes it
+            embeds = hooks.step_embeddings(running.last[:, None], running.real_length)
+            running.mask = torch.cat([running.mask, torch.ones_like(running.mask[:, :1])], 1)
+            out = _run(model, embeds, running.mask, running.next_position, running.cache, True)
+            running.cache = cache_of(out)
+            running.next_position = running.next_position + 1
+            running.real_length = running.real_length + 1
+            running.last = lm_head(model, out.last_hidden_state[:, -1]).argmax(-1)
+            if _cache_tensors(running.cache) is None:
+                return None
+            for row, chosen in zip(running.rows, running.last.tolist()):
+                new[row].append(chosen)
+        # rows that did not move this iteration were unfinished before it, so testing every row is safe
+        finished = torch.isin(running.last, eos_tensor) | torch.tensor(
+            [len(new[row]) >= max_new_tokens for row in running.rows], device=device)
+        if finished.all():
+            running = None
+        elif finished.any():
+            running.keep((~finished).nonzero().flatten())
+    return new
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any stop string (the stop string itself removed)."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
@@ -240,8 +367,9 @@ def generate(
     """Completions of chat-rendered ``prompts`` (only the new text, special tokens removed), in order.
 
     Prompts are rendered exactly like training data (:func:`zoo.chat.render_prompt_ids`, system prompt
-    included), sorted by length and decoded in left-padded batches of ``batch_size``; a row stops at
-    EOS, after ``max_new_tokens``, or (text level) at the first ``stop`` string.
+    included), sorted by length and decoded in left-padded batches of ``batch_size`` (greedy cached
+    decoding: continuously refilled, :func:`decode_continuous`); a row stops at EOS, after
+    ``max_new_tokens``, or (text level) at the first ``stop`` string.
     """
     if not prompts:
         return []
@@ -251,6 +379,17 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     device = next(model.parameters()).device
     result: list[str] = [""] * len(prompts)
+
+    def finish(index: int, row: list[int]) -> None:
+        result[index] = cut_at_stop(tokenizer.decode(cut_at_eos(row, eos), skip_special_tokens=True), stop)
+
+    if use_cache and not do_sample:  # greedy: continuous batching keeps the batch full
+        rows = decode_continuous(model, [encoded[i] for i in order], batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, hooks=hooks)
+        if rows is not None:
+            for i, row in zip(order, rows):
+                finish(i, row)
+            return result
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in chunk], pad_id)
@@ -258,5 +397,5 @@ def generate(
                          pad_id=pad_id, hooks=hooks, use_cache=use_cache, do_sample=do_sample,
                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         for i, row in zip(chunk, new.tolist()):
-            result[i] = cut_at_stop(tokenizer.decode(cut_at_eos(row, eos), skip_special_tokens=True), stop)
+            finish(i, row)
     return result

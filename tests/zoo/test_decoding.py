@@ -3,10 +3,22 @@ loop."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from zoo.chat import render_prompt_ids
-from zoo.decoding import choose_tokens, cut_at_stop, decode_ids, eos_ids, generate, left_pad
+from zoo.decoding import (
+    choose_tokens,
+    cut_at_eos,
+    cut_at_stop,
+    decode_continuous,
+    decode_ids,
+    eos_ids,
+    generate,
+    left_pad,
+)
 
 PROMPTS = ["What is 12 + 7 - 3?", "hello there", "xyz 42"]
 
@@ -74,3 +86,63 @@ def test_dropping_finished_rows_gives_the_ids_of_decoding_every_row_to_the_end(s
     dropped = decode_ids(model, ids, mask, eos=eos, **run)
     assert torch.equal(dropped, kept)
     assert (dropped[0, 2:] == tokenizer.pad_token_id).all() and dropped.shape[1] == 8
+
+
+def _adapted(sharp_tiny, name):
+    """The sharp tiny model wrapped by adapter ``name`` with its trainable tensors moved off their init,
+    as (model, hooks)."""
+    from zoo.modules.adapters import LoRA
+    from zoo.modules.prompting.apt import APT
+    from zoo.modules.prompting.dept import DePT
+    from zoo.modules.prompting.prompt_tuning import PrefixTuning, PromptTuning
+
+    model, tokenizer = sharp_tiny
+    model = copy.deepcopy(model).double()
+    if name == "plain":
+        return model, None
+    adapter = {"lora": lambda: LoRA(r=2, lora_alpha=4, lora_dropout=0.0, target_modules="all-linear"),
+               "prompt_tuning": lambda: PromptTuning(num_virtual_tokens=3),
+               "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=3),
+               "dept": lambda: DePT(num_virtual_tokens=2, rank=2, max_seq_length=64),
+               "apt_exact_prefix": lambda: APT(num_virtual_tokens=2, rank=2, mode="exact_prefix")}[name]()
+    model = adapter.attach(model, tokenizer).double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.3)
+    return model.eval(), adapter
+
+
+@pytest.mark.parametrize("name", ["plain", "lora", "prompt_tuning", "prefix_tuning", "dept",
+                                  "apt_exact_prefix"])
+def test_continuous_batching_gives_each_prompt_its_own_greedy_ids(sharp_tiny, name):
+    """Seven prompts of different lengths through two places: rows finish at different steps (an EOS picked
+    from the free-running ids), waiting prompts join the running batch mid-decode, leading cache columns are
+    dropped; every prompt gets the ids :func:`decode_ids` gives it alone (float64: no rounding flips)."""
+    model, hooks = _adapted(sharp_tiny, name)
+    tokenizer = sharp_tiny[1]
+    texts = ["a", "What is 3 + 4?", "hi there, how are you", "zz", "Tell me a story about a cat.", "x y",
+             "ok?"]
+    prompts = [render_prompt_ids(tokenizer, t) for t in texts]
+    pad = tokenizer.pad_token_id
+
+    def alone(prompt, eos):
+        ids, mask = left_pad([prompt], pad)
+        row = decode_ids(model, ids, mask, max_new_tokens=6, eos=eos, pad_id=pad, hooks=hooks)[0].tolist()
+        return cut_at_eos(row, eos) + [t for t in row if t in eos][:1]
+
+    free = [alone(p, set()) for p in prompts]
+    eos = {free[1][2]}  # prompt 1 stops at its third token; others stop elsewhere or run to the limit
+    expected = [alone(p, eos) for p in prompts]
+    assert len({len(row) for row in expected}) > 1, "pick prompts that finish at different steps"
+    got = decode_continuous(model, prompts, batch_size=2, max_new_tokens=6, eos=eos, pad_id=pad, hooks=hooks)
+    assert got == expected
+
+
+def test_generate_text_is_the_same_at_every_batch_size(sharp_tiny):
+    model, tokenizer = sharp_tiny
+    model = copy.deepcopy(model).double()
+    prompts = ["a", "What is 3 + 4?", "hi there, how are you", "zz", "Tell me a story.", "x y", "ok?"]
+    one = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=1)
+    assert generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == one
+    assert generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, use_cache=False) == one
