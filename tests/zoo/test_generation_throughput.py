@@ -13,3 +13,11 @@ def test_batched_rows_count_the_same_tokens_as_one_at_a_time():
     assert rows[0]["tokens"] == completion_tokens(module.tokenizer, one_by_one)
     if rows[1]["agree_with_first"] == 1.0:
         assert rows[1]["tokens"] == rows[0]["tokens"]
+
+
+def test_decoder_calls_are_counted_and_batching_needs_fewer():
+    module = CausalLMModule(model="tiny-llama", export=False).eval()
+    rows = measure(module, task_prompts("chain_sum", 4), [1, 4], max_new_tokens=5)
+    one, four = rows
+    assert one["rows_per_call"] == 1.0 and one["decoder_calls"] >= 4  # at least a prefill per prompt
+    assert four["decoder_calls"] < one["decoder_calls"] and four["rows_per_call"] > 1.0

@@ -12,7 +12,9 @@ in a left-padded batch may flip a near-tie in float32, which is the price of bat
 Times are wall seconds and process CPU seconds: on a shared CPU the wall clock measures the neighbours too,
 while CPU seconds (one thread) measure this process's work. A second pass with one new token per prompt
 measures the prompt (prefill) cost, so ``decode tokens/cpu-s`` is the token loop alone, where batching
-pays: prefill is compute-bound at any batch size.
+pays: prefill is compute-bound at any batch size. ``decoder calls`` counts the decoder forwards (prefills and
+steps) and ``rows a call`` their mean batch: on an accelerator a call costs nearly the same whatever its rows,
+so fewer calls for the same tokens is the speed-up to expect there (continuous batching keeps the rows up).
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ def completion_tokens(tokenizer, completions: list[str]) -> int:
 def measure(module, prompts: list[str], batch_sizes: list[int], max_new_tokens: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     reference: list[str] | None = None
+    from zoo import backbone
+
+    calls: list[int] = []  # rows of each decoder forward (a GPU pays per call, nearly whatever its rows)
+    hook = backbone.decoder(module.model).register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
     for size in batch_sizes:
+        calls.clear()
         wall, cpu = time.perf_counter(), time.process_time()
         completions = module.generate_text(prompts, max_new_tokens=max_new_tokens, batch_size=size)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        steps, row_steps = len(calls), sum(calls)
         prefill_cpu = time.process_time()
         module.generate_text(prompts, max_new_tokens=1, batch_size=size)
         prefill_cpu = time.process_time() - prefill_cpu
@@ -53,7 +62,9 @@ def measure(module, prompts: list[str], batch_sizes: list[int], max_new_tokens: 
                      "prefill_cpu_seconds": round(prefill_cpu, 2),
                      "tokens_per_s": round(tokens / wall, 2), "tokens_per_cpu_s": round(tokens / cpu, 2),
                      "decode_tokens_per_cpu_s": round(tokens / max(cpu - prefill_cpu, 1e-9), 2),
-                     "agree_with_first": agree})
+                     "agree_with_first": agree, "decoder_calls": steps,
+                     "rows_per_call": round(row_steps / max(steps, 1), 2)})
+    hook.remove()
     for key in ("tokens_per_s", "tokens_per_cpu_s", "decode_tokens_per_cpu_s"):
         for row in rows:
             row[f"speedup_{key}"] = round(row[key] / rows[0][key], 2)
@@ -80,14 +91,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"{args.model} | {args.task} | {len(prompts)} prompts | max_new_tokens {args.max_new_tokens} | "
           f"torch threads {torch.get_num_threads()}")
     print("| batch | tokens | wall s | tokens/s (wall) | CPU s | tokens/CPU-s | prefill CPU s "
-          "| decode tokens/CPU-s | speed-up (CPU, decode) | same text as first |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| decode tokens/CPU-s | speed-up (CPU, decode) | decoder calls | rows a call "
+          "| same text as first |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch_size']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} "
               f"| {r['cpu_seconds']} "
               f"| {r['tokens_per_cpu_s']} | {r['prefill_cpu_seconds']} | {r['decode_tokens_per_cpu_s']} "
               f"| {r['speedup_tokens_per_cpu_s']}x, {r['speedup_decode_tokens_per_cpu_s']}x "
-              f"| {r['agree_with_first']:.2f} |")
+              f"| {r['decoder_calls']} | {r['rows_per_call']} | {r['agree_with_first']:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"model": args.model, "task": args.task, "rows": rows}, handle, indent=1)
