@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,10 @@ SFT_DATA = ["--data.init_args.dataset", "chain_sum", "--data.init_args.num_train
             "--data.init_args.num_val", "2", "--data.init_args.num_test", "4",
             "--data.init_args.max_length", "128", "--data.init_args.batch_size", "2",
             "--data.init_args.eval_batch_size", "4"]
-TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+# ZOO_TEST_ACCELERATOR=cuda runs the matrix's fits on a GPU (Lightning moves the module back to the CPU at the
+# end of fit, so the placement row then also catches a tensor left on the GPU)
+TRAINER = ["--trainer.accelerator", os.environ.get("ZOO_TEST_ACCELERATOR", "cpu"), "--trainer.devices", "1",
+           "--trainer.enable_progress_bar", "false",
            "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false"]
 STATEFUL = {"sft", "cdpo", "relation_distill", "leti", "ubpl", "list", "got_d", "locft_bf", "qtuning",
@@ -149,12 +153,15 @@ def test_placement_every_held_tensor_follows_the_module_dtype(name, fitted):
     with contract_row(name, "placement"):
         cli, _ = fitted(name)
         module = cli.model
-        stray = [n for n, t in module.state_dict().items()
-                 if t.is_floating_point() and t.dtype != torch.float64]
+
+        def left_behind(t: torch.Tensor) -> bool:
+            return t.device != module.device or (t.is_floating_point() and t.dtype != torch.float64)
+
+        stray = [f"{n} {t.dtype} {t.device}" for n, t in module.state_dict().items() if left_behind(t)]
         for callback in cli.trainer.callbacks:
-            stray += [f"{type(callback).__name__}: {tuple(t.shape)} {t.dtype}" for t in held_tensors(callback)
-                      if t.is_floating_point() and t.dtype != torch.float64]
-        assert not stray, f"tensors left behind by the cast to float64: {stray[:8]}"
+            stray += [f"{type(callback).__name__}: {tuple(t.shape)} {t.dtype} {t.device}"
+                      for t in held_tensors(callback) if left_behind(t)]
+        assert not stray, f"tensors left behind by the cast to float64 / move to {module.device}: {stray[:8]}"
 
 
 @pytest.mark.parametrize("name", _names())

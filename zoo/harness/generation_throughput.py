@@ -79,17 +79,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU, read the wall columns)")
     args = parser.parse_args(argv)
 
     import torch
 
     from zoo.modules.base import CausalLMModule
 
-    module = CausalLMModule(model=args.model, export=False).eval()
+    module = CausalLMModule(model=args.model, export=False).eval().to(args.device)
     prompts = task_prompts(args.task, args.n)
     rows = measure(module, prompts, [int(s) for s in args.batch_sizes.split(",")], args.max_new_tokens)
     print(f"{args.model} | {args.task} | {len(prompts)} prompts | max_new_tokens {args.max_new_tokens} | "
-          f"torch threads {torch.get_num_threads()}")
+          f"device {args.device} | torch threads {torch.get_num_threads()}")
     print("| batch | tokens | wall s | tokens/s (wall) | CPU s | tokens/CPU-s | prefill CPU s "
           "| decode tokens/CPU-s | speed-up (CPU, decode) | decoder calls | rows a call "
           "| same text as first |")
