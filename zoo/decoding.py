@@ -289,6 +289,8 @@ def decode_continuous(model: nn.Module, prompts: list[list[int]], *, batch_size:
     padded batch. None when the adapter's cache is not plain per-layer key / value tensors."""
     from transformers import DynamicCache
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     hooks = hooks if hooks is not None else PlainHooks(model)
