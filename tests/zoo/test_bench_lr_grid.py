@@ -129,3 +129,33 @@ def test_grid_file_names_unknown_method(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "sfft is not among the configs' methods (sft)" in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_next_rate_walks_the_half_decade_ladder_from_the_edge():
+    from zoo.harness.bench.lr_grid import next_rate
+
+    assert next_rate([1e-5, 3e-5, 1e-4], 1e-4) == pytest.approx(3e-4)
+    assert next_rate([1e-4, 3e-4], 3e-4) == pytest.approx(1e-3)
+    assert next_rate([1e-5, 1e-4], 1e-5) == pytest.approx(3e-6)
+    assert next_rate([3e-5, 1e-4], 3e-5) == pytest.approx(1e-5)
+    assert next_rate([1e-5, 3e-5, 1e-4], 3e-5) is None  # interior: nothing to add
+    assert next_rate([1e-4], 1e-4) is None
+
+
+def test_grow_adds_a_rate_beyond_the_edge_the_choice_sits_on(tmp_path):
+    """``--lr-grid-grow 1``: when the grid's largest rate wins, one half-decade more is trained and the choice
+    is the argmin over every rate trained; the test record lists them all."""
+    argv = ["bench", CONFIG, "--lr-grid", "1e-4,1e-3", "--lr-grid-grow", "1", "--seeds", "0", "--limit", "1",
+            "--max_new_tokens", "4", "--max_steps", "2", "--no-base", "--model", "tiny-llama"]
+    assert zoo_main([*argv, "--out", str(tmp_path), *TINY_DATA]) == 0
+    records = read(tmp_path / "results.jsonl")
+    val = {r["lr"]: r["val_nll"] for r in records if r["kind"] == "grid"}
+    assert val[1e-3] < val[1e-4], "the precondition: the initial grid's largest rate wins"
+    assert sorted(val) == pytest.approx([1e-4, 1e-3, 3e-3])
+    (trained,) = [r for r in records if r["kind"] == "train"]
+    assert trained["lr_chosen"] == choose(val) and len(trained["lr_grid"]) == 3
+
+
+def test_grow_without_a_grid_is_refused(tmp_path, capsys):
+    assert zoo_main(["bench", CONFIG, "--lr-grid-grow", "1", "--out", str(tmp_path / "out")]) != 0
+    assert "--lr-grid-grow extends a grid" in capsys.readouterr().err

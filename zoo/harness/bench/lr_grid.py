@@ -13,6 +13,10 @@ Only ``model.init_args.lr`` is searched. Modules with other rate knobs (ProMoT's
 ``model_lr``, DePT's ``lowrank_lr``, ...) keep their config's values for those; set them with
 ``-- --model.init_args.NAME VALUE`` if they should move too.
 
+``--lr-grid-grow N`` adds up to N rates, one half-decade (1e-4 -> 3e-4 -> 1e-3) beyond the edge each time the
+choice is the grid's smallest or largest rate, so a reported rate is a minimum of the validation NLL inside
+the searched range rather than the range's end; the record's ``lr_grid`` lists every rate trained.
+
 ``--lr-grid-file`` is a YAML mapping of method name (registry name, else the config's file stem) to a list
 of rates, e.g. ``{sft: [1e-5, 1e-4], lora: [1e-4, 1e-3]}``; a method it does not name uses ``--lr-grid``
 when given, else is trained once at its config's rate.
@@ -56,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the rate with the lowest validation NLL is evaluated on test")
     parser.add_argument("--lr-grid-file", dest="lr_grid_file", default=None,
                         help="YAML mapping method name -> list of rates (per-method grids)")
+    parser.add_argument("--lr-grid-grow", dest="lr_grid_grow", type=int, default=0,
+                        help="up to this many extra rates, a half-decade beyond the grid's edge each, while "
+                             "the choice is the grid's smallest or largest rate (0: the grid as given)")
 
 
 def parse_rates(text: Any, where: str) -> list[float]:
@@ -98,6 +105,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         if unknown and args.configs:
             raise BenchError(f"--lr-grid-file {path}: {', '.join(unknown)} is not among the configs' methods "
                              f"({', '.join(sorted(methods))}); use those names")
+    grow = getattr(args, "lr_grid_grow", 0)
+    if grow < 0:
+        raise BenchError(f"--lr-grid-grow {grow}: give how many rates may be added (0 or more)")
+    if grow and not (args.lr_rates or args.lr_grids):
+        raise BenchError("--lr-grid-grow extends a grid: give --lr-grid or --lr-grid-file too")
     if (args.lr_rates or args.lr_grids) and getattr(args, "ckpt", None) and not args.configs:
         raise BenchError("--lr-grid trains configs; it does not apply to --ckpt alone")
 
@@ -118,6 +130,18 @@ def choose(val_nll: dict[float, float]) -> float:
 
 def rate_text(rate: float) -> str:
     return f"{rate:g}"
+
+
+def next_rate(rates: list[float], chosen: float) -> float | None:
+    """One half-decade beyond the edge of ``rates`` that ``chosen`` sits on (1e-4 -> 3e-4 -> 1e-3 upwards,
+    1e-4 -> 3e-5 -> 1e-5 downwards), or None when ``chosen`` is interior (or the grid has one rate)."""
+    if len(rates) < 2 or rates[0] < chosen < rates[-1]:
+        return None
+    up = chosen == rates[-1]
+    mantissa = chosen / 10 ** math.floor(math.log10(chosen))
+    small = mantissa < 2  # on the 1-3-10 ladder: 1 -> 3 going up, 1 -> 0.3 going down
+    factor = (3 if small else 10 / 3) if up else (1 / (10 / 3) if small else 1 / 3)
+    return float(f"{chosen * factor:.0e}")
 
 
 def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, overrides: list[str],
@@ -185,7 +209,8 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
     method = method_name(config)
     steps = args.max_steps if args.max_steps is not None else "config"
     record = {"method": method, "kind": "train", "config": str(config),
-              "config_hash": digest(config_hash(config, args, overrides), "lr-grid", rates),
+              "config_hash": digest(config_hash(config, args, overrides), "lr-grid", rates,
+                                    *([args.lr_grid_grow] if getattr(args, "lr_grid_grow", 0) else [])),
               "seed": seed, "budget": budget(args, steps)}
     if record_key(record) in done:
         log(f"{position} {method} seed {seed}: lr grid already in {results.name}, skipped")
@@ -194,6 +219,16 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
               for rate in rates}
     val_nll = {rate: point.get("val_nll") for rate, point in points.items()}
     chosen = choose(val_nll)
+    for _ in range(getattr(args, "lr_grid_grow", 0)):  # the optimum inside the grid, not on its edge
+        extra = next_rate(sorted(points), chosen)
+        if extra is None:
+            break
+        log(f"{position} {method} seed {seed}: lr {rate_text(chosen)} is the grid's edge; "
+            f"adding {rate_text(extra)}")
+        points[extra] = _grid_point(config, seed, extra, args, overrides, out, done, results, position)
+        val_nll[extra] = points[extra].get("val_nll")
+        chosen = choose(val_nll)
+    val_nll = dict(sorted(val_nll.items()))
     point = points[chosen]
     table = ", ".join(f"{rate_text(r)}: {v:.4f}" if v is not None else f"{rate_text(r)}: -"
                       for r, v in val_nll.items())
