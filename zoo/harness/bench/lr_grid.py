@@ -14,8 +14,8 @@ Only ``model.init_args.lr`` is searched. Modules with other rate knobs (ProMoT's
 ``-- --model.init_args.NAME VALUE`` if they should move too.
 
 ``--lr-grid-grow N`` adds up to N rates, one half-decade (1e-4 -> 3e-4 -> 1e-3) beyond the edge each time the
-choice is the grid's smallest or largest rate, so a reported rate is a minimum of the validation NLL inside
-the searched range rather than the range's end; the record's ``lr_grid`` lists every rate trained.
+choice is the grid's smallest or largest rate, so that (unless the N rates run out, which the log says) the
+reported rate has a worse rate on each side; the record's ``lr_grid`` lists every rate trained.
 
 ``--lr-grid-file`` is a YAML mapping of method name (registry name, else the config's file stem) to a list
 of rates, e.g. ``{sft: [1e-5, 1e-4], lora: [1e-4, 1e-3]}``; a method it does not name uses ``--lr-grid``
