@@ -228,6 +228,10 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
         points[extra] = _grid_point(config, seed, extra, args, overrides, out, done, results, position)
         val_nll[extra] = points[extra].get("val_nll")
         chosen = choose(val_nll)
+    else:
+        if getattr(args, "lr_grid_grow", 0) and next_rate(sorted(points), chosen) is not None:
+            log(f"{position} {method} seed {seed}: lr {rate_text(chosen)} is still the grid's edge after "
+                f"{args.lr_grid_grow} extra rates (raise --lr-grid-grow to search further)")
     val_nll = dict(sorted(val_nll.items()))
     point = points[chosen]
     table = ", ".join(f"{rate_text(r)}: {v:.4f}" if v is not None else f"{rate_text(r)}: -"
