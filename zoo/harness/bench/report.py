@@ -19,6 +19,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 
+def lr_at_edge(record: dict[str, Any]) -> bool:
+    """Whether a grid record's chosen rate is the smallest or largest rate its grid trained."""
+    grid = sorted(float(rate) for rate in (record.get("lr_grid") or {}))
+    chosen = record.get("lr_chosen")
+    return len(grid) > 1 and chosen is not None and float(chosen) in (grid[0], grid[-1])
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, backbone, budget): mean and std of each metric over seeds; base rows first."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -33,6 +40,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         chosen = sorted({r["lr_chosen"] for r in group if r.get("lr_chosen") is not None})
         if chosen:  # --lr-grid (zoo.harness.bench.lr_grid): the validation-chosen rate(s) of the seeds
             row["lr"] = chosen
+            row["lr_edge"] = any(lr_at_edge(r) for r in group)
         numeric: dict[str, list[float]] = {}
         for record in group:
             values = dict(record.get("metrics", {}))
@@ -82,7 +90,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         trainable = r["stats"].get("trainable_params")
         steps = "-" if r["steps"] is None else str(r["steps"])
-        lr = [", ".join(f"{v:g}" for v in r.get("lr") or []) or "-"] if with_lr else []
+        edge = " *(edge)*" if r.get("lr_edge") else ""
+        lr = [(", ".join(f"{v:g}" for v in r.get("lr") or []) or "-") + edge] if with_lr else []
         cells = [f"`{r['method']}`", str(r["backbone"]), steps, str(r["seeds"]), *lr,
                  *[_cell(r, m) for m in mains], _cell(r, "nll"), _cell(r, "ppl", 2),
                  _cell(r, "train_wall_s", 1), _cell(r, "tokens_per_s", 0), _cell(r, "peak_rss_mb", 0),
@@ -90,6 +99,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if compared:
             cells += comparison_cells(r, first)
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("lr_edge") for r in rows):
+        lines += ["", "lr *(edge)*: the validation-chosen rate is the smallest or largest its grid trained, "
+                  "so the optimum may lie outside it (`zoo bench --lr-grid-grow N` searches past the edge)."]
     commits = sorted({c for r in rows for c in r.get("commits", [])})
     if len(commits) > 1:  # a table should come from one commit (issue 13): say when it does not
         shown = ", ".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in commits)
