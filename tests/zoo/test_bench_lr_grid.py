@@ -159,3 +159,19 @@ def test_grow_adds_a_rate_beyond_the_edge_the_choice_sits_on(tmp_path):
 def test_grow_without_a_grid_is_refused(tmp_path, capsys):
     assert zoo_main(["bench", CONFIG, "--lr-grid-grow", "1", "--out", str(tmp_path / "out")]) != 0
     assert "--lr-grid-grow extends a grid" in capsys.readouterr().err
+
+
+def test_results_md_marks_a_rate_chosen_at_the_grid_edge(grid_out, tmp_path):
+    """A two-rate grid's choice is always an edge: the lr cell says so and the note names --lr-grid-grow;
+    the same record with its choice inside a wider grid is not marked."""
+    from zoo.harness.bench.report import lr_at_edge, write_report
+
+    table = (grid_out / "results.md").read_text()
+    assert "*(edge)*" in table and "--lr-grid-grow" in table
+    (trained,) = [r for r in read(grid_out / "results.jsonl") if r["kind"] == "train"]
+    assert lr_at_edge(trained)
+    inside = {**trained, "lr_grid": {"1e-06": 3.0, str(trained["lr_chosen"]): 1.0, "10": 9.0}}
+    assert not lr_at_edge(inside)
+    (tmp_path / "results.jsonl").write_text(json.dumps(inside) + "\n")
+    write_report(tmp_path / "results.jsonl", tmp_path)
+    assert "*(edge)*" not in (tmp_path / "results.md").read_text()
