@@ -315,6 +315,8 @@ def decode_continuous(model: nn.Module, prompts: list[list[int]], *, batch_size:
                 new[row].append(chosen)
             joined = _Running(take, cache_of(out), prefill.attention_mask, prefill.position_ids[:, -1:] + 1,
                               mask.sum(-1, keepdim=True), token)
+            if running is None and _cache_tensors(joined.cache) is None:
+                return None  # checked once: a cache of another kind cannot be joined or trimmed
             if running is None:
                 running = joined
             elif not running.join(joined):
@@ -328,8 +330,6 @@ def decode_continuous(model: nn.Module, prompts: list[list[int]], *, batch_size:
             running.next_position = running.next_position + 1
             running.real_length = running.real_length + 1
             running.last = lm_head(model, out.last_hidden_state[:, -1]).argmax(-1)
-            if _cache_tensors(running.cache) is None:
-                return None
             for row, chosen in zip(running.rows, running.last.tolist()):
                 new[row].append(chosen)
         # rows that did not move this iteration were unfinished before it, so testing every row is safe
@@ -349,6 +349,54 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.no_grad()
+def generate_token_ids(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 256,
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+    hooks: DecodingHooks | None = None,
+    use_cache: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids of chat-rendered ``prompts`` (EOS and after removed), in order.
+
+    Prompts are rendered exactly like training data (:func:`zoo.chat.render_prompt_ids`, system prompt
+    included), sorted by length and decoded in left-padded batches of ``batch_size`` (greedy cached
+    decoding: continuously refilled, :func:`decode_continuous`); a row stops at EOS or after
+    ``max_new_tokens``.
+    """
+    if not prompts:
+        return []
+    encoded = [render_prompt_ids(tokenizer, p, system_prompt) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    eos = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    result: list[list[int]] = [[] for _ in prompts]
+    rows = None
+    if use_cache and not do_sample:  # greedy: continuous batching keeps the batch full
+        rows = decode_continuous(model, [encoded[i] for i in order], batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, hooks=hooks)
+    if rows is None:
+        device = next(model.parameters()).device
+        rows = []
+        for start in range(0, len(order), batch_size):
+            ids, mask = left_pad([encoded[i] for i in order[start:start + batch_size]], pad_id)
+            new = decode_ids(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos=eos,
+                             pad_id=pad_id, hooks=hooks, use_cache=use_cache, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            rows += new.tolist()
+    for i, row in zip(order, rows):
+        result[i] = cut_at_eos(row, eos)
+    return result
+
+
 def generate(
     model: nn.Module,
     tokenizer,
@@ -366,38 +414,10 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[str]:
-    """Completions of chat-rendered ``prompts`` (only the new text, special tokens removed), in order.
-
-    Prompts are rendered exactly like training data (:func:`zoo.chat.render_prompt_ids`, system prompt
-    included), sorted by length and decoded in left-padded batches of ``batch_size`` (greedy cached
-    decoding: continuously refilled, :func:`decode_continuous`); a row stops at EOS, after
-    ``max_new_tokens``, or (text level) at the first ``stop`` string.
-    """
-    if not prompts:
-        return []
-    encoded = [render_prompt_ids(tokenizer, p, system_prompt) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    eos = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    device = next(model.parameters()).device
-    result: list[str] = [""] * len(prompts)
-
-    def finish(index: int, row: list[int]) -> None:
-        result[index] = cut_at_stop(tokenizer.decode(cut_at_eos(row, eos), skip_special_tokens=True), stop)
-
-    if use_cache and not do_sample:  # greedy: continuous batching keeps the batch full
-        rows = decode_continuous(model, [encoded[i] for i in order], batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, hooks=hooks)
-        if rows is not None:
-            for i, row in zip(order, rows):
-                finish(i, row)
-            return result
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        ids, mask = left_pad([encoded[i] for i in chunk], pad_id)
-        new = decode_ids(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos=eos,
-                         pad_id=pad_id, hooks=hooks, use_cache=use_cache, do_sample=do_sample,
-                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        for i, row in zip(chunk, new.tolist()):
-            finish(i, row)
-    return result
+    """Completions of chat-rendered ``prompts`` (only the new text, special tokens removed), in order:
+    :func:`generate_token_ids` decoded, each cut at the first ``stop`` string."""
+    rows = generate_token_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                              system_prompt=system_prompt, batch_size=batch_size, hooks=hooks,
+                              use_cache=use_cache, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, generator=generator)
+    return [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop) for row in rows]

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from zoo import decoding
-from zoo.chat import render_prompt_ids
 from zoo.decoding import cut_at_eos, left_pad
 
 __all__ = ["cut_at_eos", "generate", "generate_for_module", "generate_ids", "left_pad", "response_nll"]
@@ -30,27 +29,14 @@ def generate_ids(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens
                  use_cache: bool = True) -> list[list[int]]:
     """Greedy new token ids for each prompt (EOS and after removed), in the order given
     (:mod:`zoo.decoding`)."""
-    if not prompts:
-        return []
-    encoded = [render_prompt_ids(tokenizer, p, system_prompt) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    eos = decoding.eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    result: list[list[int]] = [[] for _ in prompts]
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            ids, mask = left_pad([encoded[i] for i in chunk], pad_id)
-            new = decoding.decode_ids(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                      eos=eos, pad_id=pad_id, use_cache=use_cache)
-            for i, row in zip(chunk, new.tolist()):
-                result[i] = cut_at_eos(row, eos)
+        return decoding.generate_token_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                           system_prompt=system_prompt, batch_size=batch_size,
+                                           use_cache=use_cache)
     finally:
         model.train(was_training)
-    return result
 
 
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 256,
