@@ -175,3 +175,28 @@ def test_results_md_marks_a_rate_chosen_at_the_grid_edge(grid_out, tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps(inside) + "\n")
     write_report(tmp_path / "results.jsonl", tmp_path)
     assert "*(edge)*" not in (tmp_path / "results.md").read_text()
+
+
+def test_a_chosen_run_without_its_export_is_trained_again(grid_out, tmp_path):
+    """The grid's records continued on a machine without its run folders: the chosen rate is retrained (same
+    seed, same validation NLL on this deterministic CPU) and evaluated, the choice unchanged."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(grid_out, copy)
+    records = read(grid_out / "results.jsonl")
+    trained = next(r for r in records if r["kind"] == "train")
+    kept = [r for r in records if r["kind"] != "train"]
+    (copy / "results.jsonl").write_text(
+        "".join(json.dumps(r).replace(str(grid_out), str(copy)) + "\n" for r in kept))
+    chosen = trained["lr_chosen"]
+    shutil.rmtree(copy / "runs" / f"sft-s0-steps2-lr{chosen:g}")
+    assert zoo_main([*ARGV, "--out", str(copy), *TINY_DATA]) == 0
+    again = read(copy / "results.jsonl")
+    points = [r for r in again if r["kind"] == "grid" and r["lr"] == chosen]
+    assert len(points) == 2  # the original point and its retrained twin
+    assert points[1]["val_nll"] == pytest.approx(points[0]["val_nll"], rel=1e-5)
+    (redone,) = [r for r in again if r["kind"] == "train"]
+    assert redone["lr_chosen"] == chosen
+    assert redone["metrics"]["nll"] == pytest.approx(trained["metrics"]["nll"], rel=1e-4)
+    assert (copy / "runs" / f"sft-s0-steps2-lr{chosen:g}" / "export").is_dir()

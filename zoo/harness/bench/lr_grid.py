@@ -17,6 +17,9 @@ Only ``model.init_args.lr`` is searched. Modules with other rate knobs (ProMoT's
 choice is the grid's smallest or largest rate, so that (unless the N rates run out, which the log says) the
 reported rate has a worse rate on each side; the record's ``lr_grid`` lists every rate trained.
 
+A chosen run whose export is gone (a sweep continued on another machine from its committed ``results.jsonl``)
+is trained again at the chosen rate before its test evaluation; the grid's choice is kept.
+
 ``--lr-grid-file`` is a YAML mapping of method name (registry name, else the config's file stem) to a list
 of rates, e.g. ``{sft: [1e-5, 1e-4], lora: [1e-4, 1e-3]}``; a method it does not name uses ``--lr-grid``
 when given, else is trained once at its config's rate.
@@ -145,8 +148,8 @@ def next_rate(rates: list[float], chosen: float) -> float | None:
 
 
 def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, overrides: list[str],
-                out: Path, done: set, results: Path, position: str) -> dict[str, Any]:
-    """Train one grid point (or find its record) and return its grid record."""
+                out: Path, done: set, results: Path, position: str, retrain: bool = False) -> dict[str, Any]:
+    """Train one grid point (or find its record, unless ``retrain``) and return its grid record."""
     from zoo.harness.bench.driver import build_cli, cli_args, evaluate_base_on_eval_tasks, fit_measured
     from zoo.harness.bench.evaluation import evaluate_base
     from zoo.harness.bench.items import response_nll_items
@@ -159,7 +162,7 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
     record = {"method": method, "kind": "grid", "config": str(config),
               "config_hash": digest("lr-grid-point", config_hash(config, args, point_overrides)),
               "seed": seed, "budget": budget(args, steps), "lr": rate}
-    if record_key(record) in done:
+    if record_key(record) in done and not retrain:
         found = [r for r in load_results(results)
                  if r.get("kind") == "grid" and record_key(r) == record_key(record)]
         if found:
@@ -240,9 +243,13 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
         "evaluating it on test ...")
     try:
         module = load_run(point["run_dir"], model=args.model)
-    except LoadError as err:
-        raise BenchError(f"the chosen grid run {point['run_dir']} has no usable export ({err}); "
-                         "delete its grid record from results.jsonl to retrain it") from err
+    except LoadError as err:  # e.g. a sweep continued on another machine from its committed records
+        log(f"{position} {method} seed {seed}: the chosen run {point['run_dir']} has no usable export "
+            f"({err}); training lr {rate_text(chosen)} again (same seed, same budget)")
+        point = _grid_point(config, seed, chosen, args, overrides, out, done, results, position, retrain=True)
+        log(f"{position} {method} seed {seed} lr {rate_text(chosen)}: validation NLL {point['val_nll']:.4f} "
+            f"now, {val_nll[chosen]:.4f} in the grid (the choice stands)")
+        module = load_run(point["run_dir"], model=args.model)
     datamodule = _datamodule(point, args)
     result = evaluate(module, datamodule, args, Path(point["run_dir"]) / "completions.jsonl",
                       out / "items" / items_name(record))
