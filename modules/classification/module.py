@@ -157,7 +157,8 @@ class ClassificationModule(CausalLMModule):
         """(B, H) the hidden state at each prompt's last token: read from ``hidden`` (B, T, H), the output of
         a right-padded forward whose rows start with these prompts, else from one ``forward_hidden``."""
         if hidden is None:
-            hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device))
+            hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device,
+                                                   [len(p) for p in prompts]))
         ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
         return hidden[torch.arange(len(prompts), device=hidden.device), ends]
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import backbone
+from zoo.datamodules.sft import SEGMENT_ANSWER, SEGMENT_PAD, SEGMENT_PROMPT
 from zoo.decoding import DecodingHooks
 from zoo.errors import ConfigError
 
@@ -59,15 +60,27 @@ class CacheHooks(DecodingHooks, Protocol):
     model: nn.Module
 
 
-def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
-    """``{"input_ids", "attention_mask"}`` (B, T) right-padded to the longest row."""
-    width = max(len(r) for r in rows)
+def right_pad(rows: list[list[int]], pad_id: int, device: torch.device,
+              prompt_lengths: list[int] | None = None) -> dict[str, Tensor]:
+    """``{"input_ids", "attention_mask"}`` (B, T) right-padded to the longest row.
+
+    With ``prompt_lengths`` (each row's prompt tokens; the rest is its label word), also ``segments``
+    (prompt / answer / pad), which adapters that insert virtual tokens after the prompt read (IAPT), and one
+    more pad column, so that every row's last token has a column after it: the one whose hidden state
+    predicts the next token when virtual tokens follow the prompt (``predicting_columns``)."""
+    width = max(len(r) for r in rows) + (prompt_lengths is not None)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
         mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if prompt_lengths is not None:
+        columns = torch.arange(width, device=device).unsqueeze(0)
+        prompt = torch.tensor(prompt_lengths, device=device).unsqueeze(1)
+        batch["segments"] = torch.where(columns < prompt, SEGMENT_PROMPT,
+                                        torch.where(mask.bool(), SEGMENT_ANSWER, SEGMENT_PAD))
+    return batch
 
 
 class Verbalizer(nn.Module):
@@ -176,14 +189,14 @@ class Verbalizer(nn.Module):
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         if self.single_token:
             if prompt_hidden is None:
-                hidden = hidden_fn(right_pad(prompts, pad_id, device))
+                hidden = hidden_fn(right_pad(prompts, pad_id, device, [len(p) for p in prompts]))
                 prompt_hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]
             firsts = torch.tensor([ids[0] for ids in self.word_ids], device=device)
             rows = prompt_hidden.repeat_interleave(num_words, 0)
             token_lp = self.token_logprobs(rows, firsts.repeat(len(prompts)), lm_head)
             return token_lp.view(len(prompts), num_words)
         rows = [p + w for p in prompts for w in self.word_ids]
-        hidden = hidden_fn(right_pad(rows, pad_id, device))
+        hidden = hidden_fn(right_pad(rows, pad_id, device, [len(p) for p in prompts for _ in self.word_ids]))
         row_index, positions, targets = [], [], []
         for r, (p, w) in enumerate((p, w) for p in prompts for w in self.word_ids):
             for j, token in enumerate(w):  # position len(p) - 1 + j predicts w[j]

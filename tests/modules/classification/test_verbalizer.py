@@ -79,12 +79,14 @@ def _soft(name: str):
         from zoo.modules.adapters import Peft
         from zoo.modules.prompting.apt import APT
         from zoo.modules.prompting.dept import DePT
+        from zoo.modules.prompting.iapt import IAPT
         from zoo.modules.prompting.prompt_tuning import PrefixTuning, PromptTuning
 
         return {"prompt_tuning": lambda: PromptTuning(num_virtual_tokens=3),
                 "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=3),
                 "dept": lambda: DePT(num_virtual_tokens=2, rank=2, max_seq_length=64),
                 "apt": lambda: APT(num_virtual_tokens=2, rank=2),
+                "iapt": lambda: IAPT(num_virtual_tokens=2, bottleneck=4),
                 "peft_prompt_tuning": lambda: Peft({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}),
                 "peft_prefix_tuning": lambda: Peft({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3}),
                 }[name]()
@@ -92,8 +94,8 @@ def _soft(name: str):
 
 
 @pytest.mark.parametrize("make_adapter", [_lora] + [_soft(n) for n in (
-    "prompt_tuning", "prefix_tuning", "dept", "apt", "peft_prompt_tuning", "peft_prefix_tuning")],
-    ids=["lora", "prompt_tuning", "prefix_tuning", "dept", "apt", "peft_prompt_tuning",
+    "prompt_tuning", "prefix_tuning", "dept", "apt", "iapt", "peft_prompt_tuning", "peft_prefix_tuning")],
+    ids=["lora", "prompt_tuning", "prefix_tuning", "dept", "apt", "iapt", "peft_prompt_tuning",
          "peft_prefix_tuning"])
 def test_cached_prompt_path_has_the_teacher_forced_scores_and_gradients(make_adapter):
     """Training uses the cached path too, for every adapter family (weights-only LoRA, shallow and deep soft
@@ -129,6 +131,29 @@ def test_cached_prompt_path_has_the_teacher_forced_scores_and_gradients(make_ada
         assert (a is None) == (b is None)
         if b is not None:
             assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-12
+
+
+@pytest.mark.parametrize("name", ["iapt", "prompt_tuning", "dept"])
+def test_single_token_words_score_like_the_cached_prompt(name):
+    """The single-token fast path (one forward of the prompts, the hidden state at each prompt's end) equals
+    prefill + one step for every row, the longest included: IAPT puts its virtual tokens after the prompt,
+    so the state that predicts the label word is the last virtual token's, not the prompt's last token's."""
+    torch.manual_seed(0)
+    module = ClassificationModule(model="tiny-llama", labels=["a", "b", "c"], export=False,
+                                  adapter=_soft(name)()).double()
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad and not param.any():
+                param.normal_(0, 0.05)
+    tok, verbalizer = module.tokenizer, module.verbalizer
+    assert verbalizer.single_token
+    prompts = [tok("Is it good? ")["input_ids"], tok("A much longer prompt goes here: ")["input_ids"]]
+    with torch.no_grad():
+        fast = verbalizer.word_logprobs(module.forward_hidden, module.lm_head_weight(), prompts,
+                                        tok.pad_token_id)
+        cached = verbalizer.cached_word_logprobs(module.prefix_cache_hooks(), module.lm_head_weight(),
+                                                 prompts, tok.pad_token_id)
+    assert torch.allclose(fast, cached, atol=1e-9)
 
 
 def test_a_module_with_its_own_forward_takes_the_teacher_forced_path():
