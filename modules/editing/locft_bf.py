@@ -183,6 +183,10 @@ class LocFTBFEditor(CausalLMModule):
         return datamodule.edit_records
 
     def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:  # each rank would decide from its own loss whether to step
+            raise ConfigError("LocFT-BF decides per edit, from that rank's loss, whether to take a step "
+                              "and when to stop, so ranks would disagree and DDP's all-reduce would hang; "
+                              "run it on one device (trainer.devices: 1)")
         records = self._edit_records()
         if records:
             self._locality_before = self.generate_text(locality_prompts(records), max_new_tokens=16)

@@ -200,7 +200,10 @@ class CDPOModule(DPOModule):
             steps = 1 if self.trainer.fast_dev_run else hp.contrast_steps
             models = list(train_contrast_models(data, hp.model, steps=steps, lr=hp.contrast_lr,
                                                 peft_config=hp.contrast_peft_config,
-                                                output_dir=Path(self.trainer.default_root_dir) / "contrast",
+                                                # every rank trains the same two models (same data order
+                                                # and seed); one writes them, or the writes would race
+                                                output_dir=(Path(self.trainer.default_root_dir) / "contrast"
+                                                            if self.trainer.is_global_zero else None),
                                                 device=self.device))
         self.set_contrast_models(*models)
 

@@ -133,7 +133,8 @@ class OTRModule(CausalLMModule):
             return F.pad(out, (1, 0)) + 0.0 * outputs.hidden.sum()
         hidden, gold = pred_hidden[rows], targets[rows]
         device = hidden.device
-        generator = torch.Generator(device=device).manual_seed(hp.sample_seed + int(self.global_step))
+        seed = hp.sample_seed + int(self.global_step) + (int(self.global_rank) << 32)  # ranks draw independently
+        generator = torch.Generator(device=device).manual_seed(seed)
         pieces = []
         for start in range(0, gold.numel(), hp.chunk_size):
             h, y = hidden[start : start + hp.chunk_size], gold[start : start + hp.chunk_size]

@@ -144,6 +144,13 @@ class ProMoTStageSwitch(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not isinstance(pl_module, ProMoTModule):
             raise ConfigError(f"ProMoTStageSwitch needs a ProMoTModule, got {type(pl_module).__name__}")
+        switches = pl_module.stage == 1 and (trainer.max_steps < 0 or trainer.max_steps > self.stage1_steps)
+        if stage == "fit" and trainer.world_size > 1 and switches:
+            raise ConfigError(
+                "ProMoT's in-run stage switch changes which tensors train, which DDP cannot follow (it syncs "
+                "the tensors that trained when it wrapped the model); on several devices run the stages as two "
+                "fits: stage 1, then model.init_args.stage: 2 with the adapter's init_prompt set to the stage-1 "
+                "export's prompt.pt")
 
     def on_validation_end(self, trainer, pl_module: ProMoTModule) -> None:
         loss = trainer.callback_metrics.get("val/loss")

@@ -52,7 +52,7 @@ def top_k_mask(deltas: dict[str, Tensor], k: int) -> dict[str, Tensor]:
         order = torch.sort(flat, descending=True, stable=True).indices[:kk]
         values.append(flat[order])
         positions.append(order)
-        owners.append(torch.full((kk,), i, dtype=torch.long))
+        owners.append(torch.full((kk,), i, dtype=torch.long, device=flat.device))
     values, owners, positions = torch.cat(values), torch.cat(owners), torch.cat(positions)
     # candidates are concatenated in (name, position) order, so a stable sort keeps that tie order
     chosen = torch.sort(values, descending=True, stable=True).indices[:k]

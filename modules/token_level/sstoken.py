@@ -192,7 +192,9 @@ class SSTokenSelectCallback(Callback):
 
         The snapshot is taken in ``setup``, before the strategy moves the module to its device and
         applies a ``*-true`` precision; this keeps the history model where the trainee is (a no-op
-        once they agree, so it is cheap to call before every use).
+        once they agree, so it is cheap to call before every use). An EMA history keeps at least float32:
+        under ``bf16-true`` a ``lerp_`` of weight ``1 - ema_decay`` rounds away in bf16 and the EMA would
+        freeze.
         """
         if self.history_model is None:
             return
@@ -204,6 +206,8 @@ class SSTokenSelectCallback(Callback):
                 if ref is None:
                     continue
                 dtype = ref.dtype if tensor.is_floating_point() and ref.is_floating_point() else tensor.dtype
+                if self.history == "ema" and dtype.is_floating_point:  # a 0.01-weight lerp_ vanishes in bf16
+                    dtype = torch.promote_types(dtype, torch.float32)
                 if tensor.device != ref.device or tensor.dtype != dtype:
                     tensor.data = tensor.data.to(device=ref.device, dtype=dtype)
 

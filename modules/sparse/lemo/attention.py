@@ -102,7 +102,8 @@ class TokenEliminationAttention(nn.Module):
     def block_scores(self, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor] | None) -> Tensor:
         """Token-block scores (B, nb): the predictor's when in use, else the oracle's (Eq. 2 + causal fix)."""
         if self.context.use_predictors and self.predictor is not None:
-            return column_scores(self.predictor(hidden))
+            # the predictors live outside the module tree: a *-true precision leaves them float32
+            return column_scores(self.predictor(hidden.float()))
         q, k = query_key_states(self, hidden, position_embeddings if self.oracle_rope else None)
         return column_scores(oracle_block_scores(q, k, self.block, True, self.causal_fix, self.kernel))
 

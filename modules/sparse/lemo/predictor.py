@@ -49,7 +49,9 @@ class _ReluMLP(nn.Module):
 
     @torch.no_grad()
     def shrink(self, tau: float) -> None:
-        """Drop hidden neurons of the first two maps that were <= 0 in >= tau of the tracked samples."""
+        """Drop hidden neurons of the first two maps that were <= 0 in >= tau of the tracked samples (summed
+        over ranks under torch.distributed, so that every rank keeps the same neurons and shapes)."""
+        self.reduce_counts()
         if self.samples == 0:
             return
         for i in range(2):
@@ -68,6 +70,18 @@ class _ReluMLP(nn.Module):
             self.maps[i], self.maps[i + 1] = new_out, new_next
         self.zero_counts = [torch.zeros(self.maps[0].out_features), torch.zeros(self.maps[1].out_features)]
         self.samples = 0
+
+    def reduce_counts(self) -> None:
+        """Sum the tracked zero counts and sample count over ranks (a no-op outside torch.distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        device = self.maps[0].weight.device
+        sizes = [c.numel() for c in self.zero_counts]
+        flat = torch.cat([*(c.to(device).float() for c in self.zero_counts),
+                          torch.tensor([float(self.samples)], device=device)])
+        torch.distributed.all_reduce(flat)
+        self.zero_counts = list(flat[:-1].split(sizes))
+        self.samples = int(flat[-1].item())
 
 
 class BlockPatternPredictor(nn.Module):

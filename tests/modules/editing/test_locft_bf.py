@@ -116,3 +116,13 @@ def test_protocols_report_the_metrics_and_restore_the_matrix(protocol):
     assert set(metrics) == {"efficacy", "generalization", "locality", "fluency"}
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "fluency")
     assert torch.equal(weight, before)
+
+
+def test_several_processes_are_refused_with_one_line():
+    """Per-rank step / stop decisions would hang DDP's all-reduce: more than one process is refused."""
+    from types import SimpleNamespace
+
+    module = editor()
+    module._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ConfigError, match="one device"):
+        module.on_train_start()

@@ -155,3 +155,18 @@ def test_export_holds_the_prompt_and_reloads_with_the_same_nll(tiny_module, tiny
     assert torch.equal(loaded.adapter.soft_prompt.weight, prompt)
     assert abs(response_nll(loaded, batch) - trained) < 1e-5
     assert abs(response_nll(tiny_module(), batch) - trained) > 1e-4  # not the untuned base
+
+
+def test_the_in_run_switch_is_refused_under_several_processes(tiny_module):
+    """DDP syncs the tensors that trained when it wrapped the model, so a switch inside one fit is refused
+    on several processes (two fits instead); a stage-2 fit, or one that ends before the switch, is not."""
+    from types import SimpleNamespace
+
+    module = promot(tiny_module)
+    switch = ProMoTStageSwitch(stage1_steps=5)
+    with pytest.raises(ConfigError, match="two fits"):
+        switch.setup(SimpleNamespace(world_size=2, max_steps=10), module, "fit")
+    switch.setup(SimpleNamespace(world_size=2, max_steps=5), module, "fit")
+    switch.setup(SimpleNamespace(world_size=1, max_steps=10), module, "fit")
+    module.set_stage(2)
+    switch.setup(SimpleNamespace(world_size=2, max_steps=10), module, "fit")

@@ -209,6 +209,9 @@ def test_strategy_trains_predictors_offline_and_elastic_shrinking_removes_neuron
     strategy.context.use_predictors = True
     model(input_ids=batch["input_ids"], use_cache=False)  # the shrunk predictors still select blocks
     assert strategy.context.processed[0] == (32, 64)
+    model.to(torch.bfloat16)  # a *-true precision casts the LLM; the predictors (outside it) stay float32
+    model(input_ids=batch["input_ids"], use_cache=False)
+    assert {p.dtype for p in strategy.predictors.parameters()} == {torch.float32}
 
 
 def test_channel_sparse_mlp_forward_is_exact_and_gradient_dense_at_rho_zero():
@@ -411,3 +414,50 @@ def test_out_of_range_option_is_one_config_error_line(tmp_path, monkeypatch, cap
     assert "selection.keep_ratio must be in (0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="mlp.drop_ratio"):
         MLPOptions(drop_ratio=-0.1)
+
+
+def _shrink_on_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: its own zero counts (rank 0 saw neuron 0 <= 0 always, rank 1 never), then shrink."""
+    from zoo.modules.sparse.lemo.predictor import _ReluMLP
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
+    torch.manual_seed(0)  # the same start on every rank, as DDP keeps it
+    net = _ReluMLP((4, 6, 6, 2))
+    counts = torch.zeros(6)
+    counts[0] = 10.0 if rank == 0 else 0.0  # neuron 0: <= 0 in 10 of 20 samples over both ranks
+    counts[1] = 10.0  # neuron 1: <= 0 in 20 of 20
+    net.zero_counts, net.samples = [counts, torch.zeros(6)], 10
+    net.shrink(tau=0.9)
+    torch.save({"widths": net.widths, "weight": net.maps[0].weight.detach()}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import the zoo: about 2 minutes on 2 busy cores
+def test_elastic_shrinking_keeps_the_same_neurons_on_every_rank(tmp_path):
+    """Under torch.distributed the zero counts are summed before the cut: a neuron <= 0 on one rank only is
+    kept everywhere (10 of 20), one <= 0 on both is cut everywhere; per-rank counts would give the ranks
+    different widths and the next gradient all-reduce would fail."""
+    torch.multiprocessing.spawn(_shrink_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert first["widths"] == second["widths"] == (4, 5, 6, 2)
+    torch.testing.assert_close(first["weight"], second["weight"], rtol=0, atol=0)
+
+
+def test_elastic_shrinking_cuts_on_counts_summed_over_ranks(monkeypatch):
+    """The same decision in one process, the other rank's counts added by a stand-in all-reduce (the
+    2-process run above is marked slow)."""
+    from zoo.modules.sparse.lemo.predictor import _ReluMLP
+
+    other = torch.zeros(6 + 6 + 1)
+    other[1], other[-1] = 10.0, 10.0  # the other rank: neuron 1 <= 0 in all its 10 samples
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flat: flat.add_(other))
+    net = _ReluMLP((4, 6, 6, 2))
+    counts = torch.zeros(6)
+    counts[0], counts[1] = 10.0, 10.0  # here: neurons 0 and 1 <= 0 in all 10 samples
+    net.zero_counts, net.samples = [counts, torch.zeros(6)], 10
+    before = net.maps[0].weight.detach().clone()
+    net.shrink(tau=0.9)  # summed: neuron 0 at 10/20 stays, neuron 1 at 20/20 goes
+    assert net.widths == (4, 5, 6, 2)
+    assert torch.equal(net.maps[0].weight.detach(), before[[0, 2, 3, 4, 5]])

@@ -190,6 +190,22 @@ def test_ema_history_after_one_step_is_the_convex_combination(tiny_module, tiny_
     assert changed > 0
 
 
+def test_ema_history_keeps_float32_under_bf16_true_precision(tiny_module, tiny_data, fit_tiny):
+    """A bf16 EMA freezes (a 0.1-weight lerp_ of two bf16 tensors a few ulps apart rounds to no change):
+    the history stays float32 while the trainee is bf16, and after one step it is the float32 convex
+    combination of the start and the bf16 weights."""
+    module = tiny_module()
+    initial = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    callback = SSTokenSelectCallback(keep_ratio=0.6, history="ema", ema_decay=0.9)
+    fit_tiny(module, tiny_data(), callbacks=[callback], max_steps=1, precision="bf16-true")
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+    history = dict(callback.history_model.named_parameters())
+    assert {p.dtype for p in history.values()} == {torch.float32}
+    for name, param in module.model.named_parameters():
+        expected = 0.9 * initial[name].float() + 0.1 * param.detach().float()
+        torch.testing.assert_close(history[name], expected, atol=1e-6, rtol=1e-5)
+
+
 def test_history_model_follows_the_module_dtype_under_64_true_precision(tiny_module, tiny_data, fit_tiny):
     # Lightning casts the module when the strategy sets it up (after ``setup``): everything the callback
     # holds must follow it, or the history forward and the EMA lerp_ mix dtypes (devices on a GPU).
