@@ -397,27 +397,10 @@ def generate_token_ids(
     return result
 
 
-def generate(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 256,
-    system_prompt: str | None = None,
-    batch_size: int = 16,
-    stop: Sequence[str] = (),
-    hooks: DecodingHooks | None = None,
-    use_cache: bool = True,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> list[str]:
+def generate(model: nn.Module, tokenizer, prompts: list[str], *, stop: Sequence[str] = (),
+             **options: Any) -> list[str]:
     """Completions of chat-rendered ``prompts`` (only the new text, special tokens removed), in order:
-    :func:`generate_token_ids` decoded, each cut at the first ``stop`` string."""
-    rows = generate_token_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                              system_prompt=system_prompt, batch_size=batch_size, hooks=hooks,
-                              use_cache=use_cache, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                              top_p=top_p, generator=generator)
+    :func:`generate_token_ids` (``options``: its keyword arguments) decoded, each cut at the first ``stop``
+    string."""
+    rows = generate_token_ids(model, tokenizer, prompts, **options)
     return [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop) for row in rows]

@@ -40,7 +40,7 @@ from zoo.errors import ConfigError
 from zoo.kernels.selected_ce import IGNORE_INDEX
 from zoo.labels import target_mask
 from zoo.modules.base import CausalLMModule, DeferredStepOutputs, StepOutputs
-from zoo.modules.classification.verbalizer import CacheHooks, Verbalizer, Words, right_pad
+from zoo.modules.classification.verbalizer import CacheHooks, Verbalizer, Words, pad_prompts
 
 
 def first_supervised(labels: Tensor) -> Tensor:
@@ -157,8 +157,7 @@ class ClassificationModule(CausalLMModule):
         """(B, H) the hidden state at each prompt's last token: read from ``hidden`` (B, T, H), the output of
         a right-padded forward whose rows start with these prompts, else from one ``forward_hidden``."""
         if hidden is None:
-            hidden = self.forward_hidden(right_pad(prompts, self.tokenizer.pad_token_id, self.device,
-                                                   [len(p) for p in prompts]))
+            hidden = self.forward_hidden(pad_prompts(prompts, self.tokenizer.pad_token_id, self.device))
         ends = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
         return hidden[torch.arange(len(prompts), device=hidden.device), ends]
 

@@ -68,7 +68,8 @@ def right_pad(rows: list[list[int]], pad_id: int, device: torch.device,
     (prompt / answer / pad), which adapters that insert virtual tokens after the prompt read (IAPT), and one
     more pad column, so that every row's last token has a column after it: the one whose hidden state
     predicts the next token when virtual tokens follow the prompt (``predicting_columns``)."""
-    width = max(len(r) for r in rows) + (prompt_lengths is not None)
+    extra = 0 if prompt_lengths is None else 1
+    width = max(len(r) for r in rows) + extra
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for i, row in enumerate(rows):
@@ -81,6 +82,11 @@ def right_pad(rows: list[list[int]], pad_id: int, device: torch.device,
         batch["segments"] = torch.where(columns < prompt, SEGMENT_PROMPT,
                                         torch.where(mask.bool(), SEGMENT_ANSWER, SEGMENT_PAD))
     return batch
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
+    """Prompt-only rows (no label word yet), right-padded, segments marking every token a prompt token."""
+    return right_pad(prompts, pad_id, device, [len(p) for p in prompts])
 
 
 class Verbalizer(nn.Module):
@@ -189,7 +195,7 @@ class Verbalizer(nn.Module):
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         if self.single_token:
             if prompt_hidden is None:
-                hidden = hidden_fn(right_pad(prompts, pad_id, device, [len(p) for p in prompts]))
+                hidden = hidden_fn(pad_prompts(prompts, pad_id, device))
                 prompt_hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]
             firsts = torch.tensor([ids[0] for ids in self.word_ids], device=device)
             rows = prompt_hidden.repeat_interleave(num_words, 0)

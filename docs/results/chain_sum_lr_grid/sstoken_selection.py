@@ -31,15 +31,16 @@ def kept_by_kind(current, base, batch, tokenizer) -> dict[str, tuple[int, int]]:
     response = target_mask(batch["labels"]).bool()
     counts = {"result digits": [0, 0], "other digits": [0, 0], "non-digit": [0, 0]}
     ids = batch["input_ids"]
-    for b in range(ids.shape[0]):
-        result = False
-        for t in range(ids.shape[1]):
-            piece = tokenizer.decode([int(ids[b, t])])
+    pieces = tokenizer.batch_decode(ids.reshape(-1, 1))  # one text per token, decoded once
+    width = ids.shape[1]
+    for b, (row_kept, row_response) in enumerate(zip(kept.tolist(), response.tolist())):
+        result = False  # inside a line's result: after its '=' or '####'
+        for t, piece in enumerate(pieces[b * width:(b + 1) * width]):
             result = ("=" in piece or "#" in piece or result) and "\n" not in piece
-            if response[b, t]:
+            if row_response[t]:
                 digit = any(c.isdigit() for c in piece)
                 kind = "result digits" if digit and result else "other digits" if digit else "non-digit"
-                counts[kind][0] += int(kept[b, t])
+                counts[kind][0] += int(row_kept[t])
                 counts[kind][1] += 1
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
