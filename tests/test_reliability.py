@@ -1,9 +1,14 @@
-"""Reliability: resume equals an uninterrupted run; 2-process DDP and FSDP2 from YAML through the CLI."""
+"""Reliability: resume equals an uninterrupted run; 2-process DDP and FSDP2 from YAML through the CLI; a
+signal to one DDP rank stops every rank at one step with a checkpoint."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +83,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_module, tiny_data,
         assert torch.allclose(got[key], expected[key], atol=1e-6, rtol=0), key
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+def _cli(args: list[str], cwd: Path, timeout: int = 240, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ZOO_RUN_DIR"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", **extra_env)
     return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -127,3 +132,43 @@ def test_fsdp2_two_processes_from_yaml_and_resume(tmp_path):
                    str(second), "--ckpt_path", str(ckpt)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _logged_steps(second) == [2, 3]  # continued from step 2, not from scratch
+
+
+class SignalRankAt(Callback):
+    """SIGTERM to this process at the end of step ``step`` if it is rank ``rank`` (and ZOO_TEST_SIGNAL=1)."""
+
+    def __init__(self, step: int = 2, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.global_step == self.step and trainer.global_rank == self.rank
+                and os.environ.get("ZOO_TEST_SIGNAL") == "1"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("rank", [1, pytest.param(0, marks=pytest.mark.slow)], ids=["rank1", "rank0"])
+def test_ddp_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_resumable_checkpoint(rank, tmp_path):
+    """Only one rank is signalled (rank 0, the launcher, is the slow variant). The ranks agree at the step's
+    end, every rank enters the (collective) save, and the fit exits 128 + SIGTERM with ``interrupted.ckpt`` at
+    step 2; resumed, it trains steps 2..5. Before, the signalled rank left mid-step and the other failed in
+    the next collective (exit 1, no checkpoint)."""
+    run = tmp_path / "ddp"
+    tests = str(REPO / "tests")
+    common = dict(PYTHONPATH=f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = _cli(["fit", *TINY_ARGS, "--config", str(REPO / "configs/strategies/ddp.yaml"),
+                   "--trainer.max_steps", "6", "--trainer.default_root_dir", str(run),
+                   "--trainer.callbacks+=test_reliability.SignalRankAt",
+                   "--trainer.callbacks.init_args.rank", str(rank)], cwd=tmp_path, timeout=300,
+                  ZOO_TEST_SIGNAL="1", **common)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    state = json.loads((run / "run.json").read_text())
+    assert state["state"] == "interrupted" and state["steps"] == 2, state
+    assert (run / "checkpoints" / "interrupted.ckpt").is_file() and not (run / "export").exists()
+    assert _logged_steps(run) == [0, 1]
+    (command,) = re.findall(r"^python -m zoo (fit --config \S+ --ckpt_path \S+)$", result.stderr, flags=re.M)
+
+    resumed = _cli(shlex.split(command), cwd=tmp_path, timeout=300, **common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["state"] == "finished"
+    assert _logged_steps(run) == [2, 3, 4, 5]  # continued from the checkpoint (the log restarts)

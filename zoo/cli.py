@@ -95,6 +95,8 @@ def _interrupted(signum: int) -> int:
     """Print how the interrupted fit resumes; the exit code 128 + signal."""
     name = signal.Signals(signum).name
     state = RunState.last
+    if state is not None and state.trainer is not None and state.trainer.global_rank != 0:
+        return 128 + signum  # rank 0 tells the user
     if state is not None and state.saved is not None:
         run_dir = state.saved.parent.parent
         print(f"zoo: interrupted by {name}; checkpoint saved, resume with:\n"

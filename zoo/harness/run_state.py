@@ -9,6 +9,13 @@ A signal during training only raises a flag (Lightning's own SIGTERM flag; SIGIN
 in flight completes, :class:`RunState` saves ``checkpoints/interrupted.ckpt`` at that step's end (the same
 point a step-cadence ``ModelCheckpoint`` saves, so the resume is bitwise), and Lightning stops the fit. A
 signal outside training (loading, setup, export) raises :class:`Interrupted` at once.
+
+Under several processes (DDP, FSDP) a signal may reach one rank only, or the ranks at different steps, and a
+checkpoint save is a collective every rank must enter. So there the signal sets this process's flag only,
+the ranks agree on it at every step's end (one all-reduce of a bit: stop if any rank was signalled), and then
+every rank saves and stops at the same step. Lightning's own SIGTERM handler is replaced for the training
+loop, since it broadcasts from inside the handler (a collective at whatever point the signal lands) and
+raises on the signalled rank alone (Lightning issue #20806).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from lightning.pytorch import Callback
 
 RUN_FILE = "run.json"
 INTERRUPTED_CKPT = "interrupted.ckpt"
+_handler: Any = None  # the handler install_signal_handlers put in place (re-instated under several processes)
 
 
 class Interrupted(Exception):
@@ -87,18 +95,22 @@ class RunState(Callback):
         return Path(trainer.default_root_dir)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or trainer.global_rank != 0:
+        if stage != "fit":
             return
         self.trainer, self.signum, self.saved = trainer, None, None
-        RunState.active = self
+        RunState.active = self  # every rank: each process handles its own signals
+        if trainer.global_rank != 0:
+            return
         write_run_state(self.run_dir(trainer), "running", pid=os.getpid(), command=" ".join(sys.argv),
                         started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None, checkpoint=None, resume=None,
                         signal=None, steps=None)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:  # the success path only (after export)
-        if stage != "fit" or trainer.global_rank != 0:
+        if stage != "fit":
             return
         RunState.active = None
+        if trainer.global_rank != 0:
+            return
         run_dir = self.run_dir(trainer)
         removed = []
         exported = (run_dir / "export").is_dir()
@@ -114,9 +126,26 @@ class RunState(Callback):
 
     # ------------------------------------------------------------------ interruptions
     def request_stop(self, signum: int) -> None:
-        """Called by the signal handler: stop at the end of the step in flight (Lightning's SIGTERM flag)."""
+        """Called by the signal handler: stop at the end of the step in flight (Lightning's SIGTERM flag;
+        under several processes this process's flag only, which the ranks agree on at the step's end)."""
         self.signum = int(signum)
-        self.trainer._signal_connector.received_sigterm = True
+        if self.trainer.world_size == 1:
+            self.trainer._signal_connector.received_sigterm = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1 and self.trainer is trainer and _handler is not None:
+            signal.signal(signal.SIGTERM, _handler)  # instead of Lightning's (restored at its teardown)
+
+    def stop_agreed(self, trainer) -> bool:
+        """Whether to stop at this step's end: under several processes, whether any rank was signalled (every
+        rank calls this at every step's end, so the all-reduce always has all of them)."""
+        if trainer.world_size == 1:
+            return trainer.received_sigterm
+        stop = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+        if stop:
+            self.signum = self.signum or int(signal.SIGTERM)
+            trainer._signal_connector.received_sigterm = True  # every rank leaves the loop after this step
+        return stop
 
     def save(self, trainer) -> Path:
         path = self.run_dir(trainer) / "checkpoints" / INTERRUPTED_CKPT
@@ -125,19 +154,25 @@ class RunState(Callback):
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.trainer is trainer and trainer.received_sigterm and self.saved is None:
+        if self.trainer is trainer and self.saved is None and self.stop_agreed(trainer):
             self.save(trainer)  # the point a step-cadence ModelCheckpoint saves at: resumes bitwise
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if trainer.global_rank != 0:
-            return
         RunState.active = None
         RunState.last = self
+        if trainer.global_rank != 0:
+            return
         run_dir = self.run_dir(trainer)
         interrupted = trainer.received_sigterm or isinstance(exception, (KeyboardInterrupt, Interrupted))
         if not interrupted:
             error = f"{type(exception).__name__}: {exception}".splitlines()[0]
             write_run_state(run_dir, "failed", error=error)
+            return
+        if self.saved is None and self.trainer is trainer and trainer.world_size > 1:
+            # a save is a collective, and an exception need not have reached the other ranks
+            write_run_state(run_dir, "interrupted", signal=signal.Signals(self.signum or signal.SIGTERM).name,
+                            steps=0, error="no checkpoint saved: interrupted outside a training step under "
+                            f"{trainer.world_size} processes; the run starts again")
             return
         if self.saved is None and self.trainer is trainer:
             try:  # a signal that arrived after the step's end: the loop state is still the finished step's
@@ -169,6 +204,8 @@ def install_signal_handlers(graceful: bool = True) -> dict[int, Any]:
             return
         raise Interrupted(signum)
 
+    global _handler
+    _handler = handler
     previous = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -179,5 +216,7 @@ def install_signal_handlers(graceful: bool = True) -> dict[int, Any]:
 
 
 def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    global _handler
+    _handler = None
     for signum, handler in previous.items():
         signal.signal(signum, handler)
