@@ -40,6 +40,18 @@ def test_paired_difference_on_binary_scores_uses_the_discordant_items():
     assert result["low"] <= -0.2 <= result["high"] and result["inconclusive"]
 
 
+def test_few_discordant_items_stay_inconclusive_until_the_exact_test_agrees():
+    """4 wins, 0 losses in 64: the percentile interval excludes 0 but p = 0.125 (inconclusive); 6 and 0:
+    p = 0.031 and the interval excludes 0 (a direction). NLL-like (non-binary) rows follow the interval."""
+    four, six = np.zeros((1, 64)), np.zeros((1, 64))
+    four[0, :4], six[0, :6] = 1.0, 1.0
+    assert bootstrap_ci(four)[0] > 0.0
+    assert paired_difference(four, binary=True)["inconclusive"]
+    assert paired_difference(four, binary=True)["p"] == pytest.approx(0.125)
+    assert not paired_difference(four)["inconclusive"]  # the interval alone
+    assert not paired_difference(six, binary=True)["inconclusive"]
+
+
 def test_bootstrap_matches_numpy_percentile_of_the_same_resamples():
     diff = np.array([[0.5, -1.0, 2.0, 0.0, 1.5]])
     low, high = bootstrap_ci(diff, resamples=500, rng=np.random.default_rng(7))

@@ -110,8 +110,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     if compared:
         lines += ["", f"Δ: paired difference to `{reference}` (row - reference) over the items both scored "
                   "(n = items × seeds), 95 % percentile bootstrap interval resampling seeds, then items; "
-                  "*inconclusive*: the interval contains 0. p: exact two-sided sign test on the items' "
-                  "seed-mean differences (McNemar's exact test for one seed). Per-item records: `items/`."]
+                  "*inconclusive*: the interval contains 0 (for 0/1 scores, or p >= 0.05). p: exact "
+                  "two-sided sign test on the items' seed-mean differences (McNemar's exact test for one "
+                  "seed). Per-item records: `items/`."]
     return "\n".join(lines) + "\n"
 
 
