@@ -49,6 +49,7 @@ Not implemented: the code's ``loss_norm="attention"`` (see above); a score buffe
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -261,7 +262,9 @@ class QTuningCallback(Callback):
         if self.scoring != "separate_pass":
             return
         size = batch["input_ids"].shape[0]
-        with torch.no_grad():
+        # the training step's precision (autocast under *-mixed): outside the step this pass would run in fp32
+        precision = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
+        with torch.no_grad(), precision:
             weights = self.score(pl_module, batch, pl_module(batch))
         rows = (weights != 0).any(1).nonzero().flatten()
         if rows.numel() < size:

@@ -194,6 +194,22 @@ def test_separate_pass_trains_only_kept_samples_with_the_same_weights_and_loss(t
     torch.testing.assert_close(loss, simple_loss, atol=1e-5, rtol=1e-5)
 
 
+def test_separate_pass_runs_in_the_training_steps_precision(tiny_module, tiny_data, fit_tiny):
+    """Under bf16-mixed the scoring pass, which runs before the step (outside Lightning's autocast), gets
+    the step's autocast too (bf16 matmuls, as the training forward's) instead of running in fp32."""
+    autocast = []
+
+    class Recording(QTuningCallback):
+        def score(self, module, batch, outputs):
+            autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+            return super().score(module, batch, outputs)
+
+    callback = Recording(sample_ratio=0.5, scoring="separate_pass")
+    fit_tiny(tiny_module(), tiny_data(batch_size=8, num_train=16), callbacks=[callback], max_steps=1,
+             precision="bf16-mixed")
+    assert autocast and autocast[0] == torch.bfloat16
+
+
 def test_small_batches_train_whole_with_one_warning_and_a_logged_flag(tiny_module, tiny_data, fit_tiny):
     import warnings
 
