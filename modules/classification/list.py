@@ -33,8 +33,9 @@ recipe); ``sampling_steps`` > 1 meta batches.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -358,9 +359,17 @@ class SelfTrainingLoop(Callback):
             self._unlabeled = iter(())
         batch = next(self._unlabeled, None)
         if batch is None:
-            self._unlabeled = iter(datamodule.unlabeled_dataloader())
+            self._unlabeled = self.rank_share(datamodule.unlabeled_dataloader(), trainer)
             batch = next(self._unlabeled)
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    @staticmethod
+    def rank_share(batches: Sized, trainer) -> Iterator[dict[str, Any]]:
+        """This rank's unlabeled batches: every ``world_size``-th from its rank on, so that under DDP the
+        ranks read different texts (as the labeled loader's sampler shares the labeled ones), not each the
+        same; all of them when there are fewer batches than ranks."""
+        world, rank = trainer.world_size, trainer.global_rank
+        return iter(batches) if len(batches) < world else itertools.islice(batches, rank, None, world)
 
     def on_train_batch_start(self, trainer, pl_module: LiSTModule, batch: Any, batch_idx: int) -> None:
         session, offset, phase = self.schedule(trainer.global_step)

@@ -161,3 +161,19 @@ def test_students_and_their_first_draw_follow_the_run_seed_unless_given(monkeypa
     assert LiSTAdapter().init_seed == 3 and LiSTAdapter(init_seed=1).init_seed == 1
     monkeypatch.delenv("PL_GLOBAL_SEED")
     assert SelfTrainingLoop().seed == 0
+
+
+def test_unlabeled_batches_are_shared_out_over_ranks():
+    """Under DDP each rank reads its own unlabeled batches (disjoint, together all of them), as the labeled
+    loader's sampler shares the labeled data; with fewer batches than ranks every rank reads them all."""
+    from types import SimpleNamespace
+
+    batches = [{"index": torch.tensor([i])} for i in range(5)]
+    seen = [[int(b["index"]) for b in SelfTrainingLoop.rank_share(batches, SimpleNamespace(world_size=2,
+                                                                                          global_rank=r))]
+            for r in (0, 1)]
+    assert seen == [[0, 2, 4], [1, 3]]
+    one = SimpleNamespace(world_size=1, global_rank=0)
+    assert [int(b["index"]) for b in SelfTrainingLoop.rank_share(batches, one)] == [0, 1, 2, 3, 4]
+    many = SimpleNamespace(world_size=8, global_rank=5)
+    assert len(list(SelfTrainingLoop.rank_share(batches, many))) == 5
