@@ -43,6 +43,7 @@ Objectives
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -82,6 +83,16 @@ class AuxiliaryLoss(Protocol):
 
     def auxiliary_loss(self, module: CausalLMModule, batch: dict[str, Tensor],
                        outputs: StepOutputs) -> tuple[str, Tensor]: ...
+
+
+def fit_autocast(trainer: L.Trainer | None) -> contextlib.AbstractContextManager:
+    """The fit's autocast for a training loop a method runs outside Lightning's step (CAFT's head
+    pre-training, cDPO's contrast models): bf16 autocast under ``bf16-mixed``, where such a loop would
+    otherwise compute in fp32; nothing under any other precision (``16-mixed`` would need a GradScaler of its
+    own, ``*-true`` precisions cast the weights themselves)."""
+    if trainer is not None and str(trainer.precision) == "bf16-mixed":
+        return trainer.precision_plugin.forward_context()
+    return contextlib.nullcontext()
 
 
 def shift_for_prediction(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

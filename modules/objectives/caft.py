@@ -208,7 +208,7 @@ class CAFTModule(CausalLMModule):
     # ------------------------------------------------------------------ head pre-training (stage A')
     def pretrain_heads(self, loader, steps: int, lr: float | None = None) -> list[float]:
         """Train only the heads for ``steps`` batches of ``loader`` (trunk in no-grad); returns the losses."""
-        from zoo.modules.base import target_mask
+        from zoo.modules.base import fit_autocast, target_mask
 
         trainable = [p for p in self.heads.parameters()]
         flags = [p.requires_grad for p in trainable]
@@ -220,11 +220,12 @@ class CAFTModule(CausalLMModule):
             while len(history) < steps:
                 for batch in loader:
                     batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                    with torch.no_grad():
-                        hidden = self.forward_hidden(batch)
-                    weights = target_mask(batch["labels"]).float()
-                    losses = self.auxiliary_losses(batch, hidden, weights)
-                    loss = sum(self.hparams.decay**k * v for k, v in enumerate(losses, start=1))
+                    with fit_autocast(self._trainer):
+                        with torch.no_grad():
+                            hidden = self.forward_hidden(batch)
+                        weights = target_mask(batch["labels"]).float()
+                        losses = self.auxiliary_losses(batch, hidden, weights)
+                        loss = sum(self.hparams.decay**k * v for k, v in enumerate(losses, start=1))
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -35,6 +35,8 @@ probe (both need large-scale generation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +48,7 @@ from torch import Tensor, nn
 from zoo import backbone
 from zoo.datamodules.preference import split_pairs
 from zoo.errors import ConfigError
-from zoo.modules.base import CausalLMModule, StepOutputs, target_mask
+from zoo.modules.base import CausalLMModule, StepOutputs, fit_autocast, target_mask
 from zoo.modules.objectives.dpo import DPOModule
 from zoo.modules.peft_module import PeftModule
 from zoo.registry import register
@@ -88,13 +90,15 @@ def contrastive_scores(pos_model: nn.Module | str | Path, neg_model: nn.Module |
 
 def train_contrast_models(data, model: str, steps: int = 100, lr: float = 3e-4,
                           peft_config: dict[str, Any] | None = None, output_dir: str | Path | None = None,
-                          seed: int = 0, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
+                          seed: int = 0, device: str | torch.device = "cpu",
+                          autocast: Callable[[], AbstractContextManager] = nullcontext) -> tuple[nn.Module, nn.Module]:
     """Fine-tune a positive (chosen side) and a negative (rejected side) model from ``model``.
 
     ``data`` is a PreferenceDataModule; each model trains ``steps`` AdamW steps on one side with the
     shared SFT objective (``CausalLMModule.compute_loss``), LoRA per ``peft_config`` (default: r=8 on the
     MLP, the repo's setting) merged afterwards; ``peft_config={}`` trains all parameters. Returns the two
     frozen models (and saves them as HF folders ``output_dir/positive`` and ``output_dir/negative``).
+    ``autocast``: the forward's precision context (the fit's, :func:`zoo.modules.base.fit_autocast`).
     """
     config = DEFAULT_CONTRAST_PEFT if peft_config is None else peft_config
     trained = []
@@ -110,8 +114,9 @@ def train_contrast_models(data, model: str, steps: int = 100, lr: float = 3e-4,
         while step < steps:
             for batch in data.side_dataloader(side):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                outputs = module(batch)
-                loss = module.compute_loss(batch, outputs, target_mask(batch["labels"]).float())
+                with autocast():
+                    outputs = module(batch)
+                    loss = module.compute_loss(batch, outputs, target_mask(batch["labels"]).float())
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -204,7 +209,8 @@ class CDPOModule(DPOModule):
                                                 # and seed); one writes them, or the writes would race
                                                 output_dir=(Path(self.trainer.default_root_dir) / "contrast"
                                                             if self.trainer.is_global_zero else None),
-                                                device=self.device))
+                                                device=self.device,
+                                                autocast=lambda: fit_autocast(self.trainer)))
         self.set_contrast_models(*models)
 
     def set_contrast_models(self, positive: nn.Module, negative: nn.Module) -> None:

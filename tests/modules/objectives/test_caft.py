@@ -127,6 +127,18 @@ def test_fit_with_head_pretraining_runs(tiny_module, tiny_data, fit_tiny):
     assert isinstance(module, CausalLMModule)
 
 
+def test_head_pretraining_runs_in_the_fits_autocast_under_bf16_mixed(tiny_module, tiny_data, fit_tiny):
+    """Head pre-training runs at fit start, outside Lightning's step: under bf16-mixed it gets the step's
+    autocast too (not fp32 matmuls)."""
+    module = tiny_module(cls=CAFTModule, head_pretrain_steps=2)
+    seen = []
+    module.heads.register_forward_pre_hook(
+        lambda *_: seen.append((module._heads_ready, torch.is_autocast_enabled("cpu"))))
+    fit_tiny(module, tiny_data(), max_steps=1, precision="bf16-mixed")
+    pretraining = [autocast for ready, autocast in seen if not ready]
+    assert pretraining and all(pretraining)
+
+
 def _prompted_real_hidden(module, batch, num_virtual):
     """Final hidden states at the real positions of a peft prompt-tuned model, computed by hand: the prompt
     prepended to the embeddings, the decoder run, the first ``num_virtual`` columns dropped."""

@@ -127,6 +127,27 @@ def test_fit_trains_its_own_contrast_models(tiny_module, pref_data, fit_tiny):
     assert len(module._contrast) == 2
 
 
+def test_contrast_models_train_in_the_fits_autocast_under_bf16_mixed(tiny_module, pref_data, fit_tiny,
+                                                                     monkeypatch):
+    """The contrast models train at fit start, outside Lightning's step: under bf16-mixed their forward and
+    loss get the step's autocast (not fp32); under 32-true none."""
+    from zoo.modules.peft_module import PeftModule
+
+    seen = []
+    original = PeftModule.compute_loss
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModule, "compute_loss", recording)
+    fit_tiny(tiny_module(cls=CDPOModule, contrast_steps=2), pref_data, max_steps=1, precision="bf16-mixed")
+    assert seen == [True] * 4  # 2 steps on each side
+    seen.clear()
+    fit_tiny(tiny_module(cls=CDPOModule, contrast_steps=2), pref_data, max_steps=1)
+    assert seen == [False] * 4
+
+
 def _perturbed(model, seed, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
