@@ -61,6 +61,13 @@ LETI_TOKENS = [GOOD, BAD, FEEDBACK_OPEN, FEEDBACK_CLOSE]
 STOP_WORDS = ("\nclass", "\nassert", "\nif", "\nprint", '\n"""', "\n```")  # the paper's, plus a closing fence
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank) of torch.distributed, (1, 0) when it is not running."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 # ---------------------------------------------------------------------------- executors
 @dataclass(frozen=True)
 class Execution:
@@ -328,22 +335,44 @@ class LeTILoop(Callback):
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ one iteration
-    def sample(self, module: CausalLMModule, problems: list[dict[str, Any]]) -> list[str]:
-        """``samples_per_problem`` completions per problem (problem-major), through the module's decoder."""
+    def sample(self, module: CausalLMModule, problems: list[dict[str, Any]], rank: int = 0) -> list[str]:
+        """``samples_per_problem`` completions per problem (problem-major), through the module's decoder
+        (the generator is seeded by the loop's seed, the iteration and the rank: rank 0 is unchanged)."""
         n = self.samples_per_problem
         prompts = [GOOD + p["prompt"] for p in problems for _ in range(n)]
-        generator = torch.Generator(device=module.device).manual_seed(self.seed + self.iteration)
+        seed = self.seed + self.iteration + 1_000_003 * rank
+        generator = torch.Generator(device=module.device).manual_seed(seed)
         return module.generate_text(prompts, max_new_tokens=self.max_new_tokens, do_sample=True,
                                     temperature=self.temperature, top_p=self.top_p, stop=STOP_WORDS,
                                     generator=generator, batch_size=self.generation_batch_size)
+
+    def sample_and_run(self, module: CausalLMModule,
+                       problems: list[dict[str, Any]]) -> tuple[list[str], list[Execution]]:
+        """Completions and their executions for every problem, problem-major. Under torch.distributed each
+        rank samples and runs its share of the problems (every world_size-th) and the shares are gathered,
+        so the ranks split the generation instead of each repeating all of it; every rank ends with the
+        same lists."""
+        n = self.samples_per_problem
+        world, rank = _world()
+        mine = list(range(rank, len(problems), world))
+        completions = self.sample(module, [problems[i] for i in mine], rank)
+        records = [problems[i] for i in mine for _ in range(n)]
+        executions = self.executor.run([build_program(r, c) for r, c in zip(records, completions)])
+        if world == 1:
+            return completions, executions
+        shares: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shares, (mine, completions, executions))
+        by_problem = {i: (c[j * n:(j + 1) * n], e[j * n:(j + 1) * n])
+                      for indices, c, e in shares for j, i in enumerate(indices)}
+        ordered = [by_problem[i] for i in range(len(problems))]
+        return [c for cs, _ in ordered for c in cs], [e for _, es in ordered for e in es]
 
     def iterate(self, module: CausalLMModule, datamodule: LeTIDataModule) -> dict[str, float]:
         """Sample, execute, rebuild the training set; returns this iteration's statistics."""
         problems = datamodule.problems()
         n = self.samples_per_problem
-        completions = self.sample(module, problems)
+        completions, executions = self.sample_and_run(module, problems)
         records = [p for p in problems for _ in range(n)]
-        executions = self.executor.run([build_program(r, c) for r, c in zip(records, completions)])
         coarse = self.feedback == "binary"
         self.texts = [(fcft_prompt(r["prompt"], e, coarse), c)
                       for r, c, e in zip(records, completions, executions)]

@@ -148,6 +148,53 @@ def test_fake_executor_makes_the_training_set_deterministic():
     assert len(data.encoded["train"].rows) == 6
 
 
+class _Gathered(Exception):
+    pass
+
+
+def test_ranks_split_the_sampling_and_gather_one_problem_major_set(monkeypatch):
+    """Under torch.distributed (2 ranks; a stand-in all_gather_object) each rank samples and runs only its
+    problems (every 2nd), and every rank ends with the same problem-major set: rank 0's samples for problem
+    0, then rank 1's for problem 1."""
+    module, data = policy(), problems()
+    n = 2
+    sampled: dict[int, list[str]] = {}
+
+    def run_as(rank, gather):
+        loop = LeTILoop(samples_per_problem=n, max_new_tokens=8, executor=FakeExecutor())
+        original = loop.sample
+
+        def recording(mod, probs, r=0):
+            sampled[r] = [p["prompt"] for p in probs]
+            return original(mod, probs, r)
+
+        loop.sample = recording
+        monkeypatch.setattr(leti, "_world", lambda: (2, rank))
+        monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+        return loop
+
+    shares = {}
+
+    def keep_and_stop(out, obj):
+        shares[1] = obj
+        raise _Gathered
+
+    with pytest.raises(_Gathered):
+        run_as(1, keep_and_stop).iterate(module, data)
+
+    def gather(out, obj):
+        out[:] = [obj, shares[1]]
+
+    loop = run_as(0, gather)
+    loop.iterate(module, data)
+    prompts = [p["prompt"] for p in data.problems()]
+    assert sampled == {0: prompts[0::2], 1: prompts[1::2]}
+    assert all(p in prefix for (prefix, _), p in zip(loop.texts, [q for q in prompts for _ in range(n)]))
+    indices, completions, executions = shares[1]
+    assert indices == [1] and [c for _, c in loop.texts[n:]] == completions
+    assert len(loop.texts) == len(data.encoded["train"].rows) == n * len(prompts)
+
+
 def test_loop_resamples_each_iteration_and_keeps_the_set_size(fit_tiny):
     module, data = policy(), problems()
     loop = LeTILoop(samples_per_problem=2, max_new_tokens=8, executor=FakeExecutor(pass_rate=0.3))
