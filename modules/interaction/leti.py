@@ -61,9 +61,15 @@ LETI_TOKENS = [GOOD, BAD, FEEDBACK_OPEN, FEEDBACK_CLOSE]
 STOP_WORDS = ("\nclass", "\nassert", "\nif", "\nprint", '\n"""', "\n```")  # the paper's, plus a closing fence
 
 
-def _world() -> tuple[int, int]:
-    """(world size, rank) of torch.distributed, (1, 0) when it is not running."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def _world(module: L.LightningModule) -> tuple[int, int]:
+    """(world size, rank) to share the sampling over: torch.distributed's under DDP, else (1, 0). Sharded
+    strategies (FSDP) are left out: there every forward is a collective, so the ranks must decode the same
+    prompts for the same number of steps."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    trainer = module._trainer
+    if (trainer is not None and isinstance(trainer.strategy, DDPStrategy) and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
 
@@ -351,9 +357,9 @@ class LeTILoop(Callback):
         """Completions and their executions for every problem, problem-major. Under torch.distributed each
         rank samples and runs its share of the problems (every world_size-th) and the shares are gathered,
         so the ranks split the generation instead of each repeating all of it; every rank ends with the
-        same lists."""
+        same lists. Under DDP only (:func:`_world`)."""
         n = self.samples_per_problem
-        world, rank = _world()
+        world, rank = _world(module)
         mine = list(range(rank, len(problems), world))
         completions = self.sample(module, [problems[i] for i in mine], rank)
         records = [problems[i] for i in mine for _ in range(n)]

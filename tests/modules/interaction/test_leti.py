@@ -169,7 +169,7 @@ def test_ranks_split_the_sampling_and_gather_one_problem_major_set(monkeypatch):
             return original(mod, probs, r)
 
         loop.sample = recording
-        monkeypatch.setattr(leti, "_world", lambda: (2, rank))
+        monkeypatch.setattr(leti, "_world", lambda module: (2, rank))
         monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
         return loop
 
@@ -193,6 +193,24 @@ def test_ranks_split_the_sampling_and_gather_one_problem_major_set(monkeypatch):
     indices, completions, executions = shares[1]
     assert indices == [1] and [c for _, c in loop.texts[n:]] == completions
     assert len(loop.texts) == len(data.encoded["train"].rows) == n * len(prompts)
+
+
+def test_sampling_is_shared_under_ddp_only(monkeypatch):
+    """FSDP runs every forward as a collective, so its ranks must all decode the same prompts: the sampling
+    is shared out under DDP only (and not at all outside torch.distributed)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    module = policy()
+    assert leti._world(module) == (1, 0)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    module._trainer = SimpleNamespace(strategy=DDPStrategy())
+    assert leti._world(module) == (4, 3)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    assert leti._world(module) == (1, 0)
 
 
 def test_loop_resamples_each_iteration_and_keeps_the_set_size(fit_tiny):
