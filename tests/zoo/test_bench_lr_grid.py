@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,39 @@ def test_rate_parsing_and_choice():
     assert choose({1e-4: 1.5, 1e-3: 1.5}) == 1e-4  # ties: the smaller rate
     with pytest.raises(ZooError):
         choose({1e-3: float("inf")})
+    # a generation metric picks (highest), the NLL breaks its ties, then the smaller rate
+    assert choose({1e-4: 1.0, 1e-3: 2.0}, {1e-4: 0.1, 1e-3: 0.3}) == 1e-3
+    assert choose({1e-4: 1.0, 1e-3: 0.9, 1e-2: 0.9}, {1e-4: 0.2, 1e-3: 0.2, 1e-2: 0.2}) == 1e-3
+
+
+def test_select_on_validation_exact_match(tmp_path):
+    """--lr-grid-select exact_match: every grid point generates for the whole validation split, its
+    completions are kept and rescore to the recorded metric, and the choice is the highest (ties by NLL)."""
+    from zoo.harness.bench.records import load_results
+
+    out = tmp_path / "select"
+    argv = [*ARGV, "--lr-grid-select", "exact_match", "--out", str(out), *TINY_DATA]
+    assert zoo_main(argv) == 0
+    records = load_results(out / "results.jsonl")
+    grid = [r for r in records if r["kind"] == "grid"]
+    (trained,) = [r for r in records if r["kind"] == "train"]
+    assert sorted(r["lr"] for r in grid) == sorted(RATES)
+    for point in grid:
+        rows = read(Path(point["run_dir"]) / "val_completions.jsonl")
+        assert len(rows) == 3  # the whole validation split (num_val 3), not --limit 1
+        assert point["val_metrics"]["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 3)
+    metric = {r["lr"]: r["val_metrics"]["exact_match"] for r in grid}
+    assert trained["lr_grid_select"] == "exact_match"
+    assert {float(k): v for k, v in trained["lr_grid_metric"].items()} == metric
+    assert trained["lr_chosen"] == choose({r["lr"]: r["val_nll"] for r in grid}, metric)
+
+
+def test_select_refuses_a_metric_the_data_lacks_before_training(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert zoo_main([*ARGV, "--lr-grid-select", "bleu", "--out", str(out), *TINY_DATA]) == 1
+    error = capsys.readouterr().err
+    assert "--lr-grid-select bleu: this data's metrics are exact_match" in error and "Traceback" not in error
+    assert not list((out / "runs").glob("*/export"))  # nothing trained
 
 
 def test_grid_file_names_unknown_method(tmp_path, capsys):

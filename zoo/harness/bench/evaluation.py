@@ -47,18 +47,7 @@ def evaluate(module, datamodule, args: argparse.Namespace,
     started = time.perf_counter()
     all_records = datamodule.eval_records("test")
     records = all_records[: args.limit] if args.limit is not None else all_records
-    classifier = is_classifier(module, datamodule)
-    if classifier:  # few-shot classification: the label scores, not generation
-        completions = predict_completions(module, datamodule, records, args.batch_size)
-    else:
-        completions = generate_for_module(module, [r["prompt"] for r in records],
-                                          max_new_tokens=args.max_new_tokens,
-                                          system_prompt=datamodule.hparams.get("system_prompt"),
-                                          batch_size=args.batch_size)
-    metrics = dict(datamodule.evaluation_metrics(records, completions)) if records else {}
-    if classifier and records and getattr(datamodule, "multi_label", False):  # exact match leads (paired CIs)
-        exact = [datamodule.score_completion(r, c)["exact_match"] for r, c in zip(records, completions)]
-        metrics = {"exact_match": sum(exact) / len(exact), **metrics}
+    metrics, completions = generation_metrics(module, datamodule, records, args)
     main_metric = next(iter(metrics), None)
     # the split NLL and its per-item sums, one pass (classifiers: the NLL of the label text, one forward an
     # item, what `zoo bench --ckpt` and the contract matrix reproduce)
@@ -80,6 +69,25 @@ def evaluate(module, datamodule, args: argparse.Namespace,
         write_items(items_path, all_records, completions, scores, nll["per_item"])
         result["items"] = f"items/{items_path.name}"
     return result
+
+
+def generation_metrics(module, datamodule, records: list[dict[str, Any]],
+                       args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
+    """The data's metrics of the module's completions for ``records`` (generated, or label-score
+    predictions for a classifier, :func:`is_classifier`), main metric first, and the completions."""
+    classifier = is_classifier(module, datamodule)
+    if classifier:  # few-shot classification: the label scores, not generation
+        completions = predict_completions(module, datamodule, records, args.batch_size)
+    else:
+        completions = generate_for_module(module, [r["prompt"] for r in records],
+                                          max_new_tokens=args.max_new_tokens,
+                                          system_prompt=datamodule.hparams.get("system_prompt"),
+                                          batch_size=args.batch_size)
+    metrics = dict(datamodule.evaluation_metrics(records, completions)) if records else {}
+    if classifier and records and getattr(datamodule, "multi_label", False):  # exact match leads (paired CIs)
+        exact = [datamodule.score_completion(r, c)["exact_match"] for r, c in zip(records, completions)]
+        metrics = {"exact_match": sum(exact) / len(exact), **metrics}
+    return metrics, completions
 
 
 def is_classifier(module, datamodule) -> bool:

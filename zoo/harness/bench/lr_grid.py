@@ -13,6 +13,12 @@ Only ``model.init_args.lr`` is searched. Modules with other rate knobs (ProMoT's
 ``model_lr``, DePT's ``lowrank_lr``, ...) keep their config's values for those; set them with
 ``-- --model.init_args.NAME VALUE`` if they should move too.
 
+``--lr-grid-select METRIC`` picks on a generation metric of the data instead (e.g. ``exact_match``): each grid
+point also generates for the whole validation split (its completions in the run's ``val_completions.jsonl``)
+and the highest value wins, ties broken by the lower validation NLL. For objectives that do not minimise the
+response NLL (OTR's on-policy reward, DFT-like weights, masked inputs) the NLL can favour the rate that
+changes the model least; the metric costs generation on the validation split per point.
+
 ``--lr-grid-grow N`` adds up to N rates, one half-decade (1e-4 -> 3e-4 -> 1e-3) beyond the edge each time the
 choice is the grid's smallest or largest rate, so that (unless the N rates run out, which the log says) the
 reported rate has a worse rate on each side; the record's ``lr_grid`` lists every rate trained.
@@ -63,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the rate with the lowest validation NLL is evaluated on test")
     parser.add_argument("--lr-grid-file", dest="lr_grid_file", default=None,
                         help="YAML mapping method name -> list of rates (per-method grids)")
+    parser.add_argument("--lr-grid-select", dest="lr_grid_select", default="nll",
+                        help="what picks the rate: nll (validation response NLL, no generation; default) or "
+                             "a generation metric of the data, e.g. exact_match (the validation split is "
+                             "generated for each rate; highest wins, ties by NLL)")
     parser.add_argument("--lr-grid-grow", dest="lr_grid_grow", type=int, default=0,
                         help="up to this many extra rates, a half-decade beyond the grid's edge each, while "
                              "the choice is the grid's smallest or largest rate (0: the grid as given)")
@@ -123,12 +133,50 @@ def grid_for(config: Path, args: argparse.Namespace) -> list[float] | None:
     return grids.get(method_name(config), getattr(args, "lr_rates", None))
 
 
-def choose(val_nll: dict[float, float]) -> float:
-    """The rate with the lowest finite validation NLL (ties: the smaller rate)."""
+def choose(val_nll: dict[float, float], val_metric: dict[float, float] | None = None) -> float:
+    """The rate with the lowest finite validation NLL (ties: the smaller rate); with ``val_metric``, the one
+    with the highest metric among those, ties by the lower NLL, then the smaller rate."""
     finite = {rate: nll for rate, nll in val_nll.items() if nll is not None and math.isfinite(nll)}
     if not finite:
         raise BenchError(f"every grid point diverged (validation NLL {val_nll}); try smaller rates")
+    if val_metric is not None:
+        return min(sorted(finite), key=lambda rate: (-val_metric[rate], finite[rate]))
     return min(sorted(finite), key=lambda rate: finite[rate])
+
+
+def selecting(args: argparse.Namespace) -> str | None:
+    """The generation metric that picks the rate (``--lr-grid-select``), or None for the validation NLL."""
+    select = getattr(args, "lr_grid_select", "nll")
+    return None if select == "nll" else select
+
+
+def check_metric(datamodule, args: argparse.Namespace) -> None:
+    """Refuse, before any training, a ``--lr-grid-select`` metric the data does not compute (its metric
+    names come from scoring an empty completion of one validation record)."""
+    select = selecting(args)
+    records = datamodule.eval_records("val")[:1]
+    names = list(datamodule.evaluation_metrics(records, [""] * len(records))) if records else []
+    if getattr(datamodule, "multi_label", False):
+        names.append("exact_match")  # multi-label classification leads with it (generation_metrics)
+    if select not in names:
+        raise BenchError(f"--lr-grid-select {select}: this data's metrics are {', '.join(names) or 'none'}; "
+                         "pick one of them, or nll")
+
+
+def validation_metrics(module, datamodule, args: argparse.Namespace, run_dir: Path) -> dict[str, float]:
+    """The data's generation metrics on the whole validation split (completions to
+    ``run_dir/val_completions.jsonl``); refuses a metric the data does not have."""
+    import json
+
+    from zoo.harness.bench.evaluation import generation_metrics
+
+    records = datamodule.eval_records("val")
+    metrics, completions = generation_metrics(module, datamodule, records, args)
+    with (run_dir / "val_completions.jsonl").open("w", encoding="utf-8") as handle:
+        for record, completion in zip(records, completions):
+            handle.write(json.dumps({"prompt": record["prompt"], "completion": completion,
+                                     **datamodule.score_completion(record, completion)}, default=str) + "\n")
+    return metrics
 
 
 def rate_text(rate: float) -> str:
@@ -159,8 +207,10 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
     method = method_name(config)
     point_overrides = list(overrides) + ["--model.init_args.lr", rate_text(rate)]
     steps = args.max_steps if args.max_steps is not None else "config"
+    select = selecting(args)
     record = {"method": method, "kind": "grid", "config": str(config),
-              "config_hash": digest("lr-grid-point", config_hash(config, args, point_overrides)),
+              "config_hash": digest("lr-grid-point", config_hash(config, args, point_overrides),
+                                    *([select] if select else [])),
               "seed": seed, "budget": budget(args, steps), "lr": rate}
     if record_key(record) in done and not retrain:
         found = [r for r in load_results(results)
@@ -174,6 +224,8 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
     argv = cli_args(config, seed, args, point_overrides)
     cli = build_cli(argv, run_dir=run_dir)
     record.update(resolved_config=resolved_config(cli), cli_args=argv, overrides=point_overrides)
+    if select:
+        check_metric(cli.datamodule, args)
     if args.base:
         evaluate_base(cli, args, out, config, done, results)
         evaluate_base_on_eval_tasks(cli, args, out, config, done, results)  # --eval-task
@@ -181,6 +233,8 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
     timer, wall, peak_cuda = fit_measured(cli, args, f"{position} {method} seed {seed} lr {rate_text(rate)}")
     module.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     val = response_nll_items(module, cli.datamodule, "val")  # the selection signal: no generation
+    if select:
+        record["val_metrics"] = validation_metrics(module, cli.datamodule, args, run_dir)
     trainable, total = count_parameters(module)
     record.update(backbone=backbone_of(module), module=type(module).__name__,
                   dataset=data_block(cli).get("init_args", {}).get("dataset"), run_dir=str(run_dir),
@@ -190,7 +244,8 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     append_result(results, record)
     done.add(record_key(record))
-    log(f"{position} {method} seed {seed} lr {rate_text(rate)}: validation NLL {val['nll']:.4f}")
+    shown = f", {select} {record['val_metrics'][select]:.4f}" if select else ""
+    log(f"{position} {method} seed {seed} lr {rate_text(rate)}: validation NLL {val['nll']:.4f}{shown}")
     del cli, module, trainer
     gc.collect()
     return record
@@ -211,9 +266,11 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
 
     method = method_name(config)
     steps = args.max_steps if args.max_steps is not None else "config"
+    select = selecting(args)
     record = {"method": method, "kind": "train", "config": str(config),
               "config_hash": digest(config_hash(config, args, overrides), "lr-grid", rates,
-                                    *([args.lr_grid_grow] if getattr(args, "lr_grid_grow", 0) else [])),
+                                    *([args.lr_grid_grow] if getattr(args, "lr_grid_grow", 0) else []),
+                                    *([f"select={select}"] if select else [])),
               "seed": seed, "budget": budget(args, steps)}
     if record_key(record) in done:
         log(f"{position} {method} seed {seed}: lr grid already in {results.name}, skipped")
@@ -221,7 +278,8 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
     points = {rate: _grid_point(config, seed, rate, args, overrides, out, done, results, position)
               for rate in rates}
     val_nll = {rate: point.get("val_nll") for rate, point in points.items()}
-    chosen = choose(val_nll)
+    val_metric = {rate: point["val_metrics"][select] for rate, point in points.items()} if select else None
+    chosen = choose(val_nll, val_metric)
     for _ in range(getattr(args, "lr_grid_grow", 0)):  # the optimum inside the grid, not on its edge
         extra = next_rate(sorted(points), chosen)
         if extra is None:
@@ -230,7 +288,9 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
             f"adding {rate_text(extra)}")
         points[extra] = _grid_point(config, seed, extra, args, overrides, out, done, results, position)
         val_nll[extra] = points[extra].get("val_nll")
-        chosen = choose(val_nll)
+        if select:
+            val_metric[extra] = points[extra]["val_metrics"][select]
+        chosen = choose(val_nll, val_metric)
     else:
         if getattr(args, "lr_grid_grow", 0) and next_rate(sorted(points), chosen) is not None:
             log(f"{position} {method} seed {seed}: lr {rate_text(chosen)} is still the grid's edge after "
@@ -239,6 +299,9 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
     point = points[chosen]
     table = ", ".join(f"{rate_text(r)}: {v:.4f}" if v is not None else f"{rate_text(r)}: -"
                       for r, v in val_nll.items())
+    if select:
+        table += "; validation " + select + " by lr " + ", ".join(
+            f"{rate_text(r)}: {val_metric[r]:.4f}" for r in sorted(val_metric))
     log(f"{position} {method} seed {seed}: validation NLL by lr {table} -> chose lr {rate_text(chosen)}; "
         "evaluating it on test ...")
     try:
@@ -258,7 +321,11 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
             "trainable_params", "total_params", "steps")
     record.update({key: point[key] for key in keep if key in point})
     record.update(**result,
-                  lr_grid={rate_text(r): v for r, v in val_nll.items()}, lr_chosen=chosen, **environment(),
+                  lr_grid={rate_text(r): v for r, v in val_nll.items()}, lr_chosen=chosen,
+                  lr_grid_select=select or "nll",
+                  **({"lr_grid_metric": {rate_text(r): val_metric[r] for r in sorted(val_metric)}}
+                     if select else {}),
+                  **environment(),
                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     # contamination of the training split vs test and --eval-task sets; the --eval-task records
     sets = eval_sets(args, tokenizer_of(datamodule, str(point["backbone"])))
