@@ -126,26 +126,45 @@ def test_rate_parsing_and_choice():
     assert choose({1e-4: 1.0, 1e-3: 0.9, 1e-2: 0.9}, {1e-4: 0.2, 1e-3: 0.2, 1e-2: 0.2}) == 1e-3
 
 
-def test_select_on_validation_exact_match(tmp_path):
-    """--lr-grid-select exact_match: every grid point generates for the whole validation split, its
-    completions are kept and rescore to the recorded metric, and the choice is the highest (ties by NLL)."""
+def test_select_on_validation_exact_match(tmp_path, monkeypatch):
+    """--lr-grid-select exact_match: every grid point generates for the whole validation split and keeps its
+    completions, which rescore to the recorded metric; the choice follows the metric, not the NLL (a
+    stand-in metric that prefers the rate with the higher NLL, since the tiny model's exact match is 0
+    everywhere), and the runs never share a folder or a table row with an NLL sweep."""
+    from zoo.harness.bench import lr_grid
     from zoo.harness.bench.records import load_results
 
+    real = lr_grid.validation_metrics
+    kept = {}
+
+    def stand_in(module, datamodule, args, run_dir):
+        metrics = real(module, datamodule, args, run_dir)
+        kept[str(run_dir)] = dict(metrics)
+        lr = float(module.hparams.lr)
+        return {**metrics, "exact_match": 0.5 if lr == min(RATES) else 0.25}  # prefers the smaller rate
+
+    monkeypatch.setattr(lr_grid, "validation_metrics", stand_in)
     out = tmp_path / "select"
-    argv = [*ARGV, "--lr-grid-select", "exact_match", "--out", str(out), *TINY_DATA]
-    assert zoo_main(argv) == 0
+    assert zoo_main([*ARGV, "--lr-grid-select", "exact_match", "--out", str(out), *TINY_DATA]) == 0
     records = load_results(out / "results.jsonl")
     grid = [r for r in records if r["kind"] == "grid"]
     (trained,) = [r for r in records if r["kind"] == "train"]
     assert sorted(r["lr"] for r in grid) == sorted(RATES)
     for point in grid:
+        assert point["run_dir"].endswith("-selexact_match") and point["budget"]["lr_select"] == "exact_match"
         rows = read(Path(point["run_dir"]) / "val_completions.jsonl")
         assert len(rows) == 3  # the whole validation split (num_val 3), not --limit 1
-        assert point["val_metrics"]["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 3)
-    metric = {r["lr"]: r["val_metrics"]["exact_match"] for r in grid}
-    assert trained["lr_grid_select"] == "exact_match"
-    assert {float(k): v for k, v in trained["lr_grid_metric"].items()} == metric
-    assert trained["lr_chosen"] == choose({r["lr"]: r["val_nll"] for r in grid}, metric)
+        real_metric = kept[point["run_dir"]]["exact_match"]
+        assert real_metric == pytest.approx(sum(r["exact_match"] for r in rows) / 3)
+    nll = {r["lr"]: r["val_nll"] for r in grid}
+    assert min(nll, key=nll.get) != min(RATES)  # the NLL would pick the other rate
+    assert trained["lr_chosen"] == min(RATES) and trained["lr_grid_select"] == "exact_match"
+    assert {float(k): v for k, v in trained["lr_grid_metric"].items()} == {min(RATES): 0.5, max(RATES): 0.25}
+
+
+def test_select_without_a_grid_is_refused(tmp_path, capsys):
+    assert zoo_main(["bench", CONFIG, "--lr-grid-select", "exact_match", "--out", str(tmp_path / "o")]) != 0
+    assert "--lr-grid-select exact_match picks a grid's rate" in capsys.readouterr().err
 
 
 def test_select_refuses_a_metric_the_data_lacks_before_training(tmp_path, capsys):

@@ -123,6 +123,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise BenchError(f"--lr-grid-grow {grow}: give how many rates may be added (0 or more)")
     if grow and not (args.lr_rates or args.lr_grids):
         raise BenchError("--lr-grid-grow extends a grid: give --lr-grid or --lr-grid-file too")
+    if selecting(args) and not (args.lr_rates or args.lr_grids):
+        raise BenchError(f"--lr-grid-select {args.lr_grid_select} picks a grid's rate: give --lr-grid or "
+                         "--lr-grid-file too")
     if (args.lr_rates or args.lr_grids) and getattr(args, "ckpt", None) and not args.configs:
         raise BenchError("--lr-grid trains configs; it does not apply to --ckpt alone")
 
@@ -150,14 +153,24 @@ def selecting(args: argparse.Namespace) -> str | None:
     return None if select == "nll" else select
 
 
-def check_metric(datamodule, args: argparse.Namespace) -> None:
-    """Refuse, before any training, a ``--lr-grid-select`` metric the data does not compute (its metric
-    names come from scoring an empty completion of one validation record)."""
+def grid_budget(args: argparse.Namespace, steps: int | str) -> dict[str, Any]:
+    """The records' budget; a metric selection joins it, so that its rows never merge with an NLL-selected
+    sweep's in one table (the NLL sweep's budget, and so its finished records' keys, are unchanged)."""
+    select = selecting(args)
+    return {**budget(args, steps), **({"lr_select": select} if select else {})}
+
+
+def check_metric(module, datamodule, args: argparse.Namespace) -> None:
+    """Refuse, before any training, a ``--lr-grid-select`` metric the data does not compute for this module
+    (its metric names come from scoring an empty completion of one validation record, by the rule of
+    :func:`~zoo.harness.bench.evaluation.generation_metrics`)."""
+    from zoo.harness.bench.evaluation import is_classifier
+
     select = selecting(args)
     records = datamodule.eval_records("val")[:1]
     names = list(datamodule.evaluation_metrics(records, [""] * len(records))) if records else []
-    if getattr(datamodule, "multi_label", False):
-        names.append("exact_match")  # multi-label classification leads with it (generation_metrics)
+    if getattr(datamodule, "multi_label", False) and is_classifier(module, datamodule):
+        names.append("exact_match")  # multi-label classification leads with it
     if select not in names:
         raise BenchError(f"--lr-grid-select {select}: this data's metrics are {', '.join(names) or 'none'}; "
                          "pick one of them, or nll")
@@ -211,21 +224,22 @@ def _grid_point(config: Path, seed: int, rate: float, args: argparse.Namespace, 
     record = {"method": method, "kind": "grid", "config": str(config),
               "config_hash": digest("lr-grid-point", config_hash(config, args, point_overrides),
                                     *([select] if select else [])),
-              "seed": seed, "budget": budget(args, steps), "lr": rate}
+              "seed": seed, "budget": grid_budget(args, steps), "lr": rate}
     if record_key(record) in done and not retrain:
         found = [r for r in load_results(results)
                  if r.get("kind") == "grid" and record_key(r) == record_key(record)]
         if found:
             log(f"{position} {method} seed {seed} lr {rate_text(rate)}: already in {results.name}, skipped")
             return found[-1]
-    run_dir = out / "runs" / f"{method}-s{seed}-steps{steps}-lr{rate_text(rate)}"
+    suffix = f"-sel{select}" if select else ""  # never the NLL sweep's folder (with its export)
+    run_dir = out / "runs" / f"{method}-s{seed}-steps{steps}-lr{rate_text(rate)}{suffix}"
     if run_dir.exists():  # an interrupted grid point: start it again
         shutil.rmtree(run_dir)
     argv = cli_args(config, seed, args, point_overrides)
     cli = build_cli(argv, run_dir=run_dir)
     record.update(resolved_config=resolved_config(cli), cli_args=argv, overrides=point_overrides)
     if select:
-        check_metric(cli.datamodule, args)
+        check_metric(cli.model, cli.datamodule, args)
     if args.base:
         evaluate_base(cli, args, out, config, done, results)
         evaluate_base_on_eval_tasks(cli, args, out, config, done, results)  # --eval-task
@@ -271,7 +285,7 @@ def train_grid_and_evaluate(config: Path, seed: int, rates: list[float], args: a
               "config_hash": digest(config_hash(config, args, overrides), "lr-grid", rates,
                                     *([args.lr_grid_grow] if getattr(args, "lr_grid_grow", 0) else []),
                                     *([f"select={select}"] if select else [])),
-              "seed": seed, "budget": budget(args, steps)}
+              "seed": seed, "budget": grid_budget(args, steps)}
     if record_key(record) in done:
         log(f"{position} {method} seed {seed}: lr grid already in {results.name}, skipped")
         return
