@@ -52,6 +52,20 @@ def test_few_discordant_items_stay_inconclusive_until_the_exact_test_agrees():
     assert not paired_difference(six, binary=True)["inconclusive"]
 
 
+def test_wins_and_losses_against_the_difference_stay_inconclusive():
+    """3 seeds, 400 items: 100 won on every seed (item mean +1), 150 lost on one seed each (item mean -1/3).
+    The difference is (300 - 150) / 1200 = +0.125 with an interval clear of 0, while 150 items lean to the
+    reference against 100 to the row (sign test p = 0.002): they point opposite ways, so no direction."""
+    diff = np.zeros((3, 400))
+    diff[:, :100] = 1.0  # won on every seed: item mean +1
+    for k in range(150):  # lost on one seed only: item mean -1/3
+        diff[k % 3, 100 + k] = -1.0
+    result = paired_difference(diff, binary=True)
+    assert result["diff"] == pytest.approx(0.125)
+    assert result["low"] > 0.0 and result["p"] < 0.05  # each alone would call a direction
+    assert result["inconclusive"]
+
+
 def test_bootstrap_matches_numpy_percentile_of_the_same_resamples():
     diff = np.array([[0.5, -1.0, 2.0, 0.0, 1.5]])
     low, high = bootstrap_ci(diff, resamples=500, rng=np.random.default_rng(7))

@@ -77,17 +77,20 @@ def paired_difference(diff: np.ndarray, weights: np.ndarray | None = None, binar
     the sign test on each item's seed-mean difference (``p``; McNemar exact for one seed). ``diff``: (S, N);
     ``weights``: (N,) or ``None``.
 
-    ``inconclusive``: the interval holds 0, or (``binary``) ``p >= 0.05``. With few discordant items the
-    percentile interval is too narrow: 4 wins and no losses in 64 items give [+0.016, +0.125] while the exact
-    test gives p = 0.125, so a direction is reported only when both exclude no difference."""
+    ``inconclusive``: the interval holds 0, or (``binary``) ``p >= 0.05`` or the items' wins and losses point
+    the other way than the difference (possible with several seeds). With few discordant items the percentile
+    interval is too narrow: 4 wins and no losses in 64 items give [+0.016, +0.125] while the exact test gives
+    p = 0.125, so a direction is reported only when both exclude no difference, the same way."""
     diff = np.asarray(diff, dtype=np.float64)
     low, high = bootstrap_ci(diff, weights, resamples=resamples, rng=rng)
     out = {"diff": weighted_mean_difference(diff, weights), "low": low, "high": high,
            "items": int(diff.shape[1]), "seeds": int(diff.shape[0]), "inconclusive": bool(low <= 0.0 <= high)}
     if binary:
         item_mean = diff.mean(axis=0)
-        out["p"] = sign_test(int((item_mean > 0).sum()), int((item_mean < 0).sum()))
-        out["inconclusive"] = out["inconclusive"] or out["p"] >= 0.05
+        wins, losses = int((item_mean > 0).sum()), int((item_mean < 0).sum())
+        out["p"] = sign_test(wins, losses)
+        same_way = np.sign(wins - losses) == np.sign(out["diff"])  # several seeds can split them
+        out["inconclusive"] = out["inconclusive"] or out["p"] >= 0.05 or not same_way
     return out
 
 
