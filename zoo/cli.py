@@ -96,14 +96,16 @@ def _interrupted(signum: int) -> int:
     name = signal.Signals(signum).name
     state = RunState.last
     if state is not None and state.trainer is not None and state.trainer.global_rank != 0:
-        return 128 + signum  # rank 0 tells the user
+        # rank 0 tells the user; after an agreed stop with a checkpoint this rank did its part: exit 0, or a
+        # launcher watching its children (Lightning's) would kill rank 0 before it says how to resume
+        return 0 if state.saved is not None else 128 + signum
     if state is not None and state.saved is not None:
         run_dir = state.saved.parent.parent
         print(f"zoo: interrupted by {name}; checkpoint saved, resume with:\n"
               f"{resume_command(run_dir, state.saved)}", file=sys.stderr)
     else:
-        print(f"zoo: interrupted by {name} before the first training step; nothing to resume, run the "
-              "command again", file=sys.stderr)
+        print(f"zoo: interrupted by {name} outside a training step, before any checkpoint of this fit; "
+              "nothing to resume, run the command again", file=sys.stderr)
     return 128 + signum
 
 

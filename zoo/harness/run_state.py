@@ -13,9 +13,11 @@ signal outside training (loading, setup, export) raises :class:`Interrupted` at 
 Under several processes (DDP, FSDP) a signal may reach one rank only, or the ranks at different steps, and a
 checkpoint save is a collective every rank must enter. So there the signal sets this process's flag only,
 the ranks agree on it at every step's end (one all-reduce of a bit: stop if any rank was signalled), and then
-every rank saves and stops at the same step. Lightning's own SIGTERM handler is replaced for the training
-loop, since it broadcasts from inside the handler (a collective at whatever point the signal lands) and
-raises on the signalled rank alone (Lightning issue #20806).
+every rank saves and stops at the same step. Lightning's own SIGTERM notifier is switched off for the fit
+(where the zoo's handler is installed), since it broadcasts from inside the handler (a collective at
+whatever point the signal lands) and stops the signalled rank alone (Lightning issue #20806). After an
+agreed stop the other ranks exit 0 (rank 0 reports), so that a launcher watching its children does not kill
+rank 0 before it has said how to resume.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from lightning.pytorch import Callback
 
 RUN_FILE = "run.json"
 INTERRUPTED_CKPT = "interrupted.ckpt"
-_handler: Any = None  # the handler install_signal_handlers put in place (re-instated under several processes)
+_handler: Any = None  # the handler install_signal_handlers put in place (None: the zoo handles no signals)
 
 
 class Interrupted(Exception):
@@ -99,6 +101,10 @@ class RunState(Callback):
             return
         self.trainer, self.signum, self.saved = trainer, None, None
         RunState.active = self  # every rank: each process handles its own signals
+        if trainer.world_size > 1 and _handler is not None:
+            # before Lightning registers its handlers (after setup): its notifier broadcasts from inside the
+            # handler; ours, still chained after it, only raises the flag the ranks agree on
+            trainer._signal_connector._sigterm_notifier_fn = lambda signum, frame: None
         if trainer.global_rank != 0:
             return
         write_run_state(self.run_dir(trainer), "running", pid=os.getpid(), command=" ".join(sys.argv),
@@ -131,10 +137,6 @@ class RunState(Callback):
         self.signum = int(signum)
         if self.trainer.world_size == 1:
             self.trainer._signal_connector.received_sigterm = True
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.world_size > 1 and self.trainer is trainer and _handler is not None:
-            signal.signal(signal.SIGTERM, _handler)  # instead of Lightning's (restored at its teardown)
 
     def stop_agreed(self, trainer) -> bool:
         """Whether to stop at this step's end: under several processes, whether any rank was signalled (every
