@@ -63,12 +63,13 @@ STOP_WORDS = ("\nclass", "\nassert", "\nif", "\nprint", '\n"""', "\n```")  # the
 
 def _world(module: L.LightningModule) -> tuple[int, int]:
     """(world size, rank) to share the sampling over: torch.distributed's under DDP, else (1, 0). Sharded
-    strategies (FSDP) are left out: there every forward is a collective, so the ranks must decode the same
+    strategies (FSDP, DeepSpeed) are left out: there every forward is a collective, so the ranks must decode the same
     prompts for the same number of steps."""
     from lightning.pytorch.strategies import DDPStrategy
 
     trainer = module._trainer
-    if (trainer is not None and isinstance(trainer.strategy, DDPStrategy) and torch.distributed.is_available()
+    # exactly DDP: DeepSpeed and XLA subclass it, and ZeRO-3 makes every forward a collective too
+    if (trainer is not None and type(trainer.strategy) is DDPStrategy and torch.distributed.is_available()
             and torch.distributed.is_initialized()):
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0

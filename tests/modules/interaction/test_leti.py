@@ -212,6 +212,12 @@ def test_sampling_is_shared_under_ddp_only(monkeypatch):
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     assert leti._world(module) == (1, 0)
 
+    class ShardedDDP(DDPStrategy):  # as DeepSpeedStrategy: a DDP subclass whose forwards are collectives
+        pass
+
+    module._trainer = SimpleNamespace(strategy=ShardedDDP())
+    assert leti._world(module) == (1, 0)
+
 
 def test_loop_resamples_each_iteration_and_keeps_the_set_size(fit_tiny):
     module, data = policy(), problems()
