@@ -63,8 +63,8 @@ STOP_WORDS = ("\nclass", "\nassert", "\nif", "\nprint", '\n"""', "\n```")  # the
 
 def _world(module: L.LightningModule) -> tuple[int, int]:
     """(world size, rank) to share the sampling over: torch.distributed's under DDP, else (1, 0). Sharded
-    strategies (FSDP, DeepSpeed) are left out: there every forward is a collective, so the ranks must decode the same
-    prompts for the same number of steps."""
+    strategies (FSDP, DeepSpeed) are left out: there every forward is a collective, so the ranks must decode
+    the same prompts for the same number of steps."""
     from lightning.pytorch.strategies import DDPStrategy
 
     trainer = module._trainer
