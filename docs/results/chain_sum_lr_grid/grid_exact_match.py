@@ -5,6 +5,7 @@ test. A diagnostic beside the table, not a row of it: the test column of the rat
 read after the fact.
 
     python docs/results/chain_sum_lr_grid/grid_exact_match.py METHOD [--out FILE.json]
+    python docs/results/chain_sum_lr_grid/grid_exact_match.py --table   # grid_exact_match/*.json as markdown
 
 Reads the grid records of METHOD from ``parts/*/results.jsonl`` (this folder); each record's ``run_dir`` must
 still hold its export (the machine that ran the grid). Uses this checkout's decoder and scoring, the same
@@ -36,7 +37,33 @@ def grid_records(method: str) -> list[dict]:
     return sorted(records, key=lambda r: r["lr"])
 
 
+ORDER = ("sft", "lora", "masked_thought", "sstoken", "qtuning", "otr", "caft")
+
+
+def table(folder: Path = HERE / "grid_exact_match") -> str:
+    """Every method's rates, figures and which criterion picks each (NLL: lowest validation NLL; exact match:
+    highest validation exact match, ties by NLL, then the smaller rate, as ``--lr-grid-select``)."""
+    lines = ["| method | lr | val NLL | val exact match (32) | test exact match (64, seed 0) | picked by |",
+             "|---|---|---|---|---|---|"]
+    for method in ORDER:
+        path = folder / f"{method}.json"
+        if not path.is_file():
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        by_nll = min(rows, key=lambda r: (r["val_nll"], r["lr"]))
+        by_match = min(rows, key=lambda r: (-r["val_exact_match"], r["val_nll"], r["lr"]))
+        for row in rows:
+            picks = (("NLL", by_nll), ("exact match", by_match))
+            picked = ", ".join(name for name, pick in picks if pick is row)
+            lines.append(f"| {method} | {row['lr']:g} | {row['val_nll']:.4f} | "
+                         f"{row['val_exact_match']:.3f} | {row['test_exact_match']:.3f} | {picked} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--table"]:
+        print(table())
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method")
     parser.add_argument("--out", default=None, help="also write the figures as JSON")
