@@ -56,12 +56,7 @@ def evaluate(module, datamodule, args: argparse.Namespace,
     if hasattr(datamodule, "preference_metrics"):  # held-out pairs: reward and log-prob accuracy / margin
         metrics.update(datamodule.preference_metrics(module, split="test"))
     if completions_path is not None:
-        completions_path.parent.mkdir(parents=True, exist_ok=True)
-        with completions_path.open("w", encoding="utf-8") as handle:
-            for record, completion in zip(records, completions):
-                score = datamodule.score_completion(record, completion)
-                handle.write(json.dumps({"prompt": record["prompt"], "answer": record.get("answer"),
-                                         "completion": completion, **score}, default=str) + "\n")
+        write_completions(completions_path, datamodule, records, completions)
     result = {"metrics": metrics, "main_metric": main_metric, "eval_examples": len(records),
               "eval_wall_s": time.perf_counter() - started}
     if items_path is not None:  # per-item records (issue 13): id, prompt hash, completion, scores, NLL
@@ -75,19 +70,35 @@ def generation_metrics(module, datamodule, records: list[dict[str, Any]],
                        args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
     """The data's metrics of the module's completions for ``records`` (generated, or label-score
     predictions for a classifier, :func:`is_classifier`), main metric first, and the completions."""
-    classifier = is_classifier(module, datamodule)
-    if classifier:  # few-shot classification: the label scores, not generation
+    if is_classifier(module, datamodule):  # few-shot classification: the label scores, not generation
         completions = predict_completions(module, datamodule, records, args.batch_size)
     else:
         completions = generate_for_module(module, [r["prompt"] for r in records],
                                           max_new_tokens=args.max_new_tokens,
                                           system_prompt=datamodule.hparams.get("system_prompt"),
                                           batch_size=args.batch_size)
+    return score_completions(module, datamodule, records, completions), completions
+
+
+def score_completions(module, datamodule, records: list[dict[str, Any]],
+                      completions: list[str]) -> dict[str, float]:
+    """The data's metrics of ``completions`` for ``records``, main metric first (multi-label classification
+    leads with per-item exact match, for the paired CIs)."""
     metrics = dict(datamodule.evaluation_metrics(records, completions)) if records else {}
-    if classifier and records and getattr(datamodule, "multi_label", False):  # exact match leads (paired CIs)
+    if records and getattr(datamodule, "multi_label", False) and is_classifier(module, datamodule):
         exact = [datamodule.score_completion(r, c)["exact_match"] for r, c in zip(records, completions)]
         metrics = {"exact_match": sum(exact) / len(exact), **metrics}
-    return metrics, completions
+    return metrics
+
+
+def write_completions(path: Path, datamodule, records: list[dict[str, Any]], completions: list[str]) -> None:
+    """One JSON line per record: prompt, answer, completion and its per-record scores."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for record, completion in zip(records, completions):
+            score = datamodule.score_completion(record, completion)
+            handle.write(json.dumps({"prompt": record["prompt"], "answer": record.get("answer"),
+                                     "completion": completion, **score}, default=str) + "\n")
 
 
 def is_classifier(module, datamodule) -> bool:

@@ -162,15 +162,12 @@ def grid_budget(args: argparse.Namespace, steps: int | str) -> dict[str, Any]:
 
 def check_metric(module, datamodule, args: argparse.Namespace) -> None:
     """Refuse, before any training, a ``--lr-grid-select`` metric the data does not compute for this module
-    (its metric names come from scoring an empty completion of one validation record, by the rule of
-    :func:`~zoo.harness.bench.evaluation.generation_metrics`)."""
-    from zoo.harness.bench.evaluation import is_classifier
+    (its metric names: an empty completion of one validation record, scored as the evaluation scores)."""
+    from zoo.harness.bench.evaluation import score_completions
 
     select = selecting(args)
     records = datamodule.eval_records("val")[:1]
-    names = list(datamodule.evaluation_metrics(records, [""] * len(records))) if records else []
-    if getattr(datamodule, "multi_label", False) and is_classifier(module, datamodule):
-        names.append("exact_match")  # multi-label classification leads with it
+    names = list(score_completions(module, datamodule, records, [""] * len(records)))
     if select not in names:
         raise BenchError(f"--lr-grid-select {select}: this data's metrics are {', '.join(names) or 'none'}; "
                          "pick one of them, or nll")
@@ -178,17 +175,12 @@ def check_metric(module, datamodule, args: argparse.Namespace) -> None:
 
 def validation_metrics(module, datamodule, args: argparse.Namespace, run_dir: Path) -> dict[str, float]:
     """The data's generation metrics on the whole validation split (completions to
-    ``run_dir/val_completions.jsonl``); refuses a metric the data does not have."""
-    import json
-
-    from zoo.harness.bench.evaluation import generation_metrics
+    ``run_dir/val_completions.jsonl``)."""
+    from zoo.harness.bench.evaluation import generation_metrics, write_completions
 
     records = datamodule.eval_records("val")
     metrics, completions = generation_metrics(module, datamodule, records, args)
-    with (run_dir / "val_completions.jsonl").open("w", encoding="utf-8") as handle:
-        for record, completion in zip(records, completions):
-            handle.write(json.dumps({"prompt": record["prompt"], "completion": completion,
-                                     **datamodule.score_completion(record, completion)}, default=str) + "\n")
+    write_completions(run_dir / "val_completions.jsonl", datamodule, records, completions)
     return metrics
 
 
