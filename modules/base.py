@@ -85,12 +85,13 @@ class AuxiliaryLoss(Protocol):
                        outputs: StepOutputs) -> tuple[str, Tensor]: ...
 
 
-def fit_autocast(trainer: L.Trainer | None) -> contextlib.AbstractContextManager:
-    """The fit's autocast for a training loop a method runs outside Lightning's step (CAFT's head
-    pre-training, cDPO's contrast models): bf16 autocast under ``bf16-mixed``, where such a loop would
-    otherwise compute in fp32; nothing under any other precision (``16-mixed`` would need a GradScaler of its
-    own, ``*-true`` precisions cast the weights themselves)."""
-    if trainer is not None and str(trainer.precision) == "bf16-mixed":
+def fit_autocast(trainer: L.Trainer | None, grad: bool = True) -> contextlib.AbstractContextManager:
+    """The fit's precision context for a pass a method runs outside Lightning's step, which would otherwise
+    compute in fp32. ``grad=False`` (a no-grad scoring pass, Q-Tuning's): the precision plugin's forward
+    context under any precision. ``grad=True`` (a training loop of its own: CAFT's head pre-training, cDPO's
+    contrast models): only bf16 autocast under ``bf16-mixed`` (``16-mixed`` would need a GradScaler of its
+    own, ``*-true`` precisions cast the weights themselves). Nothing without a trainer."""
+    if trainer is not None and (not grad or str(trainer.precision) == "bf16-mixed"):
         return trainer.precision_plugin.forward_context()
     return contextlib.nullcontext()
 

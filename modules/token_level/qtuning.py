@@ -49,7 +49,6 @@ Not implemented: the code's ``loss_norm="attention"`` (see above); a score buffe
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from zoo.errors import check_range
-from zoo.modules.base import StepOutputs, chunked_log_probs, target_mask
+from zoo.modules.base import StepOutputs, chunked_log_probs, fit_autocast, target_mask
 from zoo.registry import register
 
 
@@ -262,9 +261,7 @@ class QTuningCallback(Callback):
         if self.scoring != "separate_pass":
             return
         size = batch["input_ids"].shape[0]
-        # the training step's precision (autocast under *-mixed): outside the step this pass would run in fp32
-        precision = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
-        with torch.no_grad(), precision:
+        with torch.no_grad(), fit_autocast(trainer, grad=False):  # the step's precision, not fp32
             weights = self.score(pl_module, batch, pl_module(batch))
         rows = (weights != 0).any(1).nonzero().flatten()
         if rows.numel() < size:
