@@ -69,9 +69,8 @@ def _world(module: L.LightningModule) -> tuple[int, int]:
 
     trainer = module._trainer
     # exactly DDP: DeepSpeed and XLA subclass it, and ZeRO-3 makes every forward a collective too
-    if (trainer is not None and type(trainer.strategy) is DDPStrategy and torch.distributed.is_available()
-            and torch.distributed.is_initialized()):
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if trainer is not None and type(trainer.strategy) is DDPStrategy:
+        return trainer.world_size, trainer.global_rank
     return 1, 0
 
 

@@ -195,7 +195,7 @@ def test_ranks_split_the_sampling_and_gather_one_problem_major_set(monkeypatch):
     assert len(loop.texts) == len(data.encoded["train"].rows) == n * len(prompts)
 
 
-def test_sampling_is_shared_under_ddp_only(monkeypatch):
+def test_sampling_is_shared_under_ddp_only():
     """FSDP runs every forward as a collective, so its ranks must all decode the same prompts: the sampling
     is shared out under DDP only (and not at all outside torch.distributed)."""
     from types import SimpleNamespace
@@ -204,18 +204,16 @@ def test_sampling_is_shared_under_ddp_only(monkeypatch):
 
     module = policy()
     assert leti._world(module) == (1, 0)
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
-    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
-    module._trainer = SimpleNamespace(strategy=DDPStrategy())
+    ranks = dict(world_size=4, global_rank=3)
+    module._trainer = SimpleNamespace(strategy=DDPStrategy(), **ranks)
     assert leti._world(module) == (4, 3)
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), **ranks)
     assert leti._world(module) == (1, 0)
 
     class ShardedDDP(DDPStrategy):  # as DeepSpeedStrategy: a DDP subclass whose forwards are collectives
         pass
 
-    module._trainer = SimpleNamespace(strategy=ShardedDDP())
+    module._trainer = SimpleNamespace(strategy=ShardedDDP(), **ranks)
     assert leti._world(module) == (1, 0)
 
 
