@@ -35,7 +35,7 @@ from lightning.pytorch import Callback
 
 RUN_FILE = "run.json"
 INTERRUPTED_CKPT = "interrupted.ckpt"
-_handler: Any = None  # the handler install_signal_handlers put in place (None: the zoo handles no signals)
+_graceful = False  # install_signal_handlers(graceful=True) is in place: a signal raises RunState's flag
 
 
 class Interrupted(Exception):
@@ -101,7 +101,7 @@ class RunState(Callback):
             return
         self.trainer, self.signum, self.saved = trainer, None, None
         RunState.active = self  # every rank: each process handles its own signals
-        if trainer.world_size > 1 and _handler is not None:
+        if trainer.world_size > 1 and _graceful:
             # before Lightning registers its handlers (after setup): its notifier broadcasts from inside the
             # handler; ours, still chained after it, only raises the flag the ranks agree on
             trainer._signal_connector._sigterm_notifier_fn = lambda signum, frame: None
@@ -206,8 +206,8 @@ def install_signal_handlers(graceful: bool = True) -> dict[int, Any]:
             return
         raise Interrupted(signum)
 
-    global _handler
-    _handler = handler
+    global _graceful
+    _graceful = graceful
     previous = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -218,7 +218,7 @@ def install_signal_handlers(graceful: bool = True) -> dict[int, Any]:
 
 
 def restore_signal_handlers(previous: dict[int, Any]) -> None:
-    global _handler
-    _handler = None
+    global _graceful
+    _graceful = False
     for signum, handler in previous.items():
         signal.signal(signum, handler)
