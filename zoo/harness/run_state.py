@@ -35,7 +35,7 @@ from lightning.pytorch import Callback
 
 RUN_FILE = "run.json"
 INTERRUPTED_CKPT = "interrupted.ckpt"
-_graceful = False  # install_signal_handlers(graceful=True) is in place: a signal raises RunState's flag
+_handlers_installed = False  # install_signal_handlers is in place (graceful or not): the zoo handles signals
 
 
 class Interrupted(Exception):
@@ -101,9 +101,10 @@ class RunState(Callback):
             return
         self.trainer, self.signum, self.saved = trainer, None, None
         RunState.active = self  # every rank: each process handles its own signals
-        if trainer.world_size > 1 and _graceful:
+        if trainer.world_size > 1 and _handlers_installed:
             # before Lightning registers its handlers (after setup): its notifier broadcasts from inside the
-            # handler; ours, still chained after it, only raises the flag the ranks agree on
+            # handler; ours, still chained after it, raises the flag the ranks agree on (the bench's handler:
+            # Interrupted)
             trainer._signal_connector._sigterm_notifier_fn = lambda signum, frame: None
         if trainer.global_rank != 0:
             return
@@ -206,8 +207,8 @@ def install_signal_handlers(graceful: bool = True) -> dict[int, Any]:
             return
         raise Interrupted(signum)
 
-    global _graceful
-    _graceful = graceful
+    global _handlers_installed
+    _handlers_installed = True
     previous = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -218,7 +219,7 @@ def install_signal_handlers(graceful: bool = True) -> dict[int, Any]:
 
 
 def restore_signal_handlers(previous: dict[int, Any]) -> None:
-    global _graceful
-    _graceful = False
+    global _handlers_installed
+    _handlers_installed = False
     for signum, handler in previous.items():
         signal.signal(signum, handler)
