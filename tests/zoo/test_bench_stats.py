@@ -205,3 +205,18 @@ def test_the_commit_is_read_once_per_process(monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_more_git)
     assert records.environment()["git_commit"] == first["git_commit"]
     records.environment.cache_clear()
+
+
+def test_code_from_another_checkout_marks_the_commit_mixed(monkeypatch, tmp_path):
+    """An editable install maps zoo.modules to its own checkout; run from a second checkout, the commit read
+    here would not describe the methods that ran."""
+    from zoo.harness.bench import records
+
+    assert records.foreign_code() == {}
+    assert set(records.foreign_code(tmp_path)) == set(records.CODE_PACKAGES)
+    monkeypatch.setattr(records, "foreign_code", lambda: {"zoo.modules": "/elsewhere/modules"})
+    records.environment.cache_clear()
+    try:
+        assert records.environment()["git_commit"].endswith("+mixed")
+    finally:
+        records.environment.cache_clear()

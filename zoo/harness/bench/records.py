@@ -119,10 +119,31 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
 
 
 
+CODE_PACKAGES = ("zoo", "zoo.modules", "zoo.datamodules", "zoo.kernels")
+
+
+def foreign_code(root: Path = REPO_ROOT) -> dict[str, str]:
+    """The zoo packages this process imports from outside ``root``, with their folders.
+
+    ``zoo.modules``, ``zoo.datamodules`` and ``zoo.kernels`` are mapped by the editable install, so
+    ``python -m zoo`` run in a second checkout with the first one's environment imports ``zoo`` from the
+    second and the methods from the first."""
+    import importlib
+
+    foreign = {}
+    for name in CODE_PACKAGES:
+        folder = Path(importlib.import_module(name).__file__).resolve().parent
+        if not folder.is_relative_to(root.resolve()):
+            foreign[name] = str(folder)
+    return foreign
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
     """Package versions and the git commit (``+dirty`` when tracked files changed), read once per process:
-    a bench imports its code when it starts, so a commit made while it runs must not relabel its records."""
+    a bench imports its code when it starts, so a commit made while it runs must not relabel its records.
+    ``+mixed`` when part of the code comes from another checkout (:func:`foreign_code`): the commit then
+    does not describe what ran."""
     from importlib import metadata
 
     versions = {"python": sys.version.split()[0]}
@@ -142,6 +163,13 @@ def environment() -> dict[str, Any]:
             commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         pass
+    foreign = foreign_code()
+    if foreign:
+        where = ", ".join(f"{name} from {folder}" for name, folder in foreign.items())
+        log(f"this process imports {where}, not from {REPO_ROOT}: the environment's editable install points "
+            f"at another checkout, so records are marked '+mixed'; run from that checkout, or "
+            f"`pip install -e .` here")
+        commit = f"{commit or 'unknown'}+mixed"
     return {"versions": versions, "git_commit": commit}
 
 
