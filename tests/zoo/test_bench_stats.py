@@ -175,7 +175,10 @@ def test_report_without_items_has_no_error_bar_source_and_names_mixed_commits(tm
         return {"method": method, "seed": seed, "backbone": "b", "budget": {"limit": 2}, "main_metric": "em",
                 "metrics": {"em": em, "nll": 1.0}, "git_commit": commit}
 
-    records = [record("sft", 0, 0.5, "aaa"), record("lora", 0, 0.25, "bbb"), record("lora", 1, 0.75, "bbb")]
+    records = [record("sft", 0, 0.5, "aaa"), record("lora", 0, 0.25, "bbb+mixed"),
+               record("lora", 1, 0.75, "bbb+mixed")]
+    for item in records:
+        item["backbone"] = "/machine/local/runs/pref_sft/export"
     rows = summarize(records)
     assert attach_comparisons(rows, records, tmp_path, None) == "sft"
     by_name = {r["method"]: r for r in rows}
@@ -187,7 +190,8 @@ def test_report_without_items_has_no_error_bar_source_and_names_mixed_commits(tm
     for row in rows:
         row["reference"] = "sft"
     table = markdown(rows)
-    assert "vs sft" not in table and "Rows come from 2 commits (aaa, bbb)" in table
+    assert "vs sft" not in table and "Rows come from 2 commits (aaa, bbb+mixed)" in table
+    assert "| …/pref_sft/export |" in table and "/machine/local" not in table  # a local export's own name
 
 
 def test_the_commit_is_read_once_per_process(monkeypatch):

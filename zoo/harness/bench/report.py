@@ -70,6 +70,14 @@ EXTRA_COLUMNS = ("reward_accuracy", "reward_margin", "logp_accuracy", "logp_marg
 
 
 
+def backbone_label(backbone: Any) -> str:
+    """A registry name as it is; a local folder (a run's export) as its last two parts, since the rest names
+    a machine's layout, not the model (the records keep the full path)."""
+    text = str(backbone)
+    parts = Path(text).parts
+    return text if "/" not in text or len(parts) <= 2 else "…/" + "/".join(parts[-2:])
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     mains = sorted({r["main_metric"] for r in rows if r["main_metric"]})
     extras = [key for key in EXTRA_COLUMNS if key not in mains and any(key in r["stats"] for r in rows)]
@@ -92,7 +100,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         steps = "-" if r["steps"] is None else str(r["steps"])
         edge = " *(edge)*" if r.get("lr_edge") else ""
         lr = [(", ".join(f"{v:g}" for v in r.get("lr") or []) or "-") + edge] if with_lr else []
-        cells = [f"`{r['method']}`", str(r["backbone"]), steps, str(r["seeds"]), *lr,
+        cells = [f"`{r['method']}`", backbone_label(r["backbone"]), steps, str(r["seeds"]), *lr,
                  *[_cell(r, m) for m in mains], _cell(r, "nll"), _cell(r, "ppl", 2),
                  _cell(r, "train_wall_s", 1), _cell(r, "tokens_per_s", 0), _cell(r, "peak_rss_mb", 0),
                  f"{int(trainable[0]):,}" if trainable else "-"]
@@ -104,7 +112,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   "so the optimum may lie outside it (`zoo bench --lr-grid-grow N` searches past the edge)."]
     commits = sorted({c for r in rows for c in r.get("commits", [])})
     if len(commits) > 1:  # a table should come from one commit (issue 13): say when it does not
-        shown = ", ".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in commits)
+        shown = ", ".join("+".join([c.split("+")[0][:12], *c.split("+")[1:]]) for c in commits)
         lines += ["", f"Rows come from {len(commits)} commits ({shown}): "
                   "regenerate them at one commit (zoo bench --rerun rebuilds a row from its record)."]
     if compared:
@@ -124,7 +132,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [r["method"] if sum(x["method"] == r["method"] for x in rows) == 1 else
-              f"{r['method']}\n{r['backbone']}/{r['steps']}" for r in rows]
+              f"{r['method']}\n{backbone_label(r['backbone'])}/{r['steps']}" for r in rows]
     main = next((r["main_metric"] for r in rows if r["main_metric"]), None)
     panels = [(main, main or "main metric"), ("nll", "held-out response NLL (lower is better)")]
     figure, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(rows) + 3), 3.8))
