@@ -45,6 +45,13 @@ def test_package_dir_maps_the_top_level_folders():
                            "zoo.kernels": "kernels"}
 
 
+def test_bench_provenance_checks_every_mapped_folder():
+    """The bench's '+mixed' check (records.foreign_code) looks at the packages pyproject maps to folders."""
+    from zoo.harness.bench.records import CODE_PACKAGES
+
+    assert set(CODE_PACKAGES) == set(_setuptools()["package-dir"])
+
+
 def test_regular_install_imports_zoo_modules_and_no_top_level_modules(tmp_path):
     target = tmp_path / "site"
     build = subprocess.run(

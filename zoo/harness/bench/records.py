@@ -119,7 +119,7 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
 
 
 
-CODE_PACKAGES = ("zoo", "zoo.modules", "zoo.datamodules", "zoo.kernels")
+CODE_PACKAGES = ("zoo", "zoo.modules", "zoo.datamodules", "zoo.kernels")  # pyproject's package-dir keys
 
 
 def foreign_code(root: Path = REPO_ROOT) -> dict[str, str]:

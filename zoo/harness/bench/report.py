@@ -78,6 +78,12 @@ def backbone_label(backbone: Any) -> str:
     return text if "/" not in text or len(parts) <= 2 else "…/" + "/".join(parts[-2:])
 
 
+def short_commit(commit: str) -> str:
+    """The hash cut to 12 characters, its ``+dirty`` / ``+mixed`` marks kept."""
+    head, plus, marks = commit.partition("+")
+    return head[:12] + plus + marks
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     mains = sorted({r["main_metric"] for r in rows if r["main_metric"]})
     extras = [key for key in EXTRA_COLUMNS if key not in mains and any(key in r["stats"] for r in rows)]
@@ -112,7 +118,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   "so the optimum may lie outside it (`zoo bench --lr-grid-grow N` searches past the edge)."]
     commits = sorted({c for r in rows for c in r.get("commits", [])})
     if len(commits) > 1:  # a table should come from one commit (issue 13): say when it does not
-        shown = ", ".join("+".join([c.split("+")[0][:12], *c.split("+")[1:]]) for c in commits)
+        shown = ", ".join(short_commit(c) for c in commits)
         lines += ["", f"Rows come from {len(commits)} commits ({shown}): "
                   "regenerate them at one commit (zoo bench --rerun rebuilds a row from its record)."]
     if compared:
